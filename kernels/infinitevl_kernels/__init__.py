@@ -1,0 +1,17 @@
+"""InfiniteVL compute kernels: torch references (and faster paths beside them), no vLLM import."""
+
+from .attention import apply_rope, mrope_cos_sin, sliding_window_attention, window_mask
+from .gdn import causal_conv1d, gated_rmsnorm, gdn_chunked, gdn_gates, gdn_recurrent, l2norm
+
+__all__ = [
+    "apply_rope",
+    "causal_conv1d",
+    "gated_rmsnorm",
+    "gdn_chunked",
+    "gdn_gates",
+    "gdn_recurrent",
+    "l2norm",
+    "mrope_cos_sin",
+    "sliding_window_attention",
+    "window_mask",
+]
