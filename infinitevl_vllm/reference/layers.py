@@ -6,8 +6,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from infinitevl_kernels import (
     apply_rope,
     causal_conv1d,
@@ -17,6 +15,7 @@ from infinitevl_kernels import (
     gdn_recurrent,
     sliding_window_attention,
 )
+from torch import nn
 
 
 class RMSNorm(nn.Module):

@@ -10,9 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
-
 from infinitevl_kernels import mrope_cos_sin
+from torch import nn
 
 from ..config import InfiniteVLConfig, is_swa_layer
 from .layers import DecoderLayer, GDNState, RMSNorm, SWAState

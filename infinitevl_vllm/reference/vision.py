@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from infinitevl_kernels.attention import rotate_half
+from torch import nn
 
 from .layers import RMSNorm
 
@@ -26,8 +25,9 @@ class VisionAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: list[int]):
         T, D = x.shape
         q, k, v = self.qkv(x).view(T, 3, self.heads, D // self.heads).unbind(1)
-        q = (q.float() * cos + rotate_half(q.float()) * sin).to(x.dtype)
-        k = (k.float() * cos + rotate_half(k.float()) * sin).to(x.dtype)
+        dt = cos.dtype
+        q = (q.to(dt) * cos + rotate_half(q.to(dt)) * sin).to(x.dtype)
+        k = (k.to(dt) * cos + rotate_half(k.to(dt)) * sin).to(x.dtype)
         outs = []
         for qs, ks, vs in zip(q.split(segments), k.split(segments), v.split(segments)):
             o = F.scaled_dot_product_attention(qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1))
@@ -91,7 +91,7 @@ def patch_hw_positions(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
         rows = torch.arange(h)[:, None].expand(h, w)
         cols = torch.arange(w)[None, :].expand(h, w)
 
-        def grouped(a):
+        def grouped(a, h=h, w=w):
             return a.reshape(h // merge, merge, w // merge, merge).permute(0, 2, 1, 3).flatten()
 
         out.append(torch.stack([grouped(rows), grouped(cols)], -1).repeat(t, 1))
@@ -124,7 +124,7 @@ class VisionTower(nn.Module):
         self.merger = PatchMerger(cfg)
         head_dim = cfg.hidden_size // cfg.num_heads
         self.register_buffer(
-            "inv_freq", 1.0 / 10000 ** (torch.arange(0, head_dim // 2, 2, dtype=torch.float) / (head_dim // 2)),
+            "inv_freq", 1.0 / 10000 ** (torch.arange(0, head_dim // 2, 2, dtype=torch.float64) / (head_dim // 2)),
             persistent=False,
         )
 
@@ -133,7 +133,8 @@ class VisionTower(nn.Module):
         merge, group = cfg.spatial_merge_size, cfg.spatial_merge_size**2
         x = self.patch_embed(pixels)
         pos = patch_hw_positions(grid_thw, merge).to(x.device)
-        angles = (pos[..., None].float() * self.inv_freq).flatten(1)  # [N, head_dim/2]
+        dt = torch.promote_types(x.dtype, torch.float32)
+        angles = (pos[..., None].to(dt) * self.inv_freq.to(dt)).flatten(1)  # [N, head_dim/2]
         emb = torch.cat([angles, angles], -1)
         cos, sin = emb.cos()[:, None, :], emb.sin()[:, None, :]
 
