@@ -76,7 +76,4 @@ class InfiniteVLConfig(Qwen2_5_VLConfig):
 def register_with_transformers() -> None:
     """Make ``AutoConfig`` understand ``model_type: infinite_vl`` (idempotent)."""
     for cls in (InfiniteVLTextConfig, InfiniteVLConfig):
-        try:
-            AutoConfig.register(cls.model_type, cls)
-        except ValueError:  # already registered
-            pass
+        AutoConfig.register(cls.model_type, cls, exist_ok=True)

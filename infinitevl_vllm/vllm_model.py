@@ -1,0 +1,352 @@
+"""InfiniteVL as a vLLM model: Qwen2.5-VL's vision tower and multimodal plumbing (reused as they
+are) around our hybrid decoder of sliding-window attention and Gated DeltaNet layers.
+
+What is ours and why:
+- The GDN layer reuses vLLM's OLMo-hybrid GDN layer (same shape family: separate q/k/v short
+  convolutions fused into one, value head dim != key head dim, gated RMSNorm output), whose
+  per-sequence conv and recurrent states live in vLLM's mamba state cache.  vLLM's CPU GDN ops
+  need value head dim == key head dim, so on CPU the core runs our torch code from
+  ``infinitevl_kernels`` (chunked prefill, batched recurrent decode, slot-indexed states); on
+  CUDA the parent's flash-linear-attention kernels run.
+- The SWA layer is Qwen2 attention with a per-layer window (vLLM's Qwen2Attention has no
+  per-layer window argument).
+- Weight loading maps the released names (both layer kinds under ``self_attn.*``) by layer kind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from types import SimpleNamespace
+from unittest.mock import patch
+
+import torch
+from torch import nn
+from vllm.compilation.decorators import support_torch_compile
+from vllm.config import VllmConfig
+from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.forward_context import get_forward_context
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.fusion.mm_input_norm import build_mm_input_norm
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.mamba.gdn import olmo_gdn_linear_attn as _olmo_gdn
+from vllm.model_executor.layers.mamba.gdn.olmo_gdn_linear_attn import OlmoHybridGatedDeltaNetAttention
+from vllm.model_executor.layers.mamba.mamba_utils import (
+    MambaStateCopyFuncCalculator,
+    MambaStateDtypeCalculator,
+    MambaStateShapeCalculator,
+    is_conv_state_dim_first,
+)
+from vllm.model_executor.layers.rotary_embedding import get_rope
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid
+from vllm.model_executor.models.qwen2 import Qwen2MLP
+from vllm.model_executor.models.qwen2_5_vl import (
+    Qwen2_5_VisionTransformer,
+    Qwen2_5_VLForConditionalGeneration,
+)
+from vllm.model_executor.models.utils import make_empty_intermediate_tensors_factory, maybe_prefix
+from vllm.platforms import current_platform
+from vllm.sequence import IntermediateTensors
+from vllm.v1.attention.backends.gdn_attn import GDNAttentionMetadata
+
+from infinitevl_kernels.gdn_batch import GDNBatch, GDNShape, gdn_forward_batch
+
+from .config import InfiniteVLTextConfig, is_swa_layer
+
+
+def _gdn_layer_config(cfg: InfiniteVLTextConfig) -> SimpleNamespace:
+    """The field names vLLM's hybrid GDN layer reads, filled from our config."""
+    return SimpleNamespace(
+        hidden_size=cfg.hidden_size,
+        hidden_act=cfg.hidden_act,
+        rms_norm_eps=cfg.rms_norm_eps,
+        linear_num_key_heads=cfg.num_linear_heads,
+        linear_num_value_heads=cfg.num_linear_heads,
+        linear_key_head_dim=cfg.linear_head_dim,
+        linear_value_head_dim=cfg.linear_value_head_dim,
+        linear_conv_kernel_dim=cfg.conv_size,
+        linear_use_gate=cfg.use_gate,
+        linear_allow_neg_eigval=False,
+        torch_dtype=None,
+    )
+
+
+def _check_gdn_config(cfg: InfiniteVLTextConfig) -> None:
+    if cfg.num_linear_key_value_heads != cfg.num_linear_heads:
+        raise ValueError("InfiniteVL GDN layers have no grouped heads: num_linear_key_value_heads must equal "
+                         f"num_linear_heads ({cfg.num_linear_key_value_heads} != {cfg.num_linear_heads})")
+    if cfg.conv_bias or not cfg.use_short_conv or not cfg.use_gate:
+        raise ValueError("InfiniteVL GDN layers need use_short_conv=True, use_gate=True, conv_bias=False")
+
+
+class InfiniteVLGatedDeltaNet(OlmoHybridGatedDeltaNetAttention):
+    """GDN mixer; its conv + recurrent state is the sequence's slot in vLLM's mamba cache."""
+
+    def __init__(self, cfg: InfiniteVLTextConfig, vllm_config: VllmConfig, prefix: str):
+        _check_gdn_config(cfg)
+        if current_platform.is_cpu():
+            # The parent installs a Triton scratch allocator for its GPU kernels; the CPU path runs
+            # no Triton, and the Triton beside the CPU build may lack triton.set_allocator.
+            with patch.object(_olmo_gdn, "set_triton_allocator", lambda device: None):
+                super().__init__(_gdn_layer_config(cfg), vllm_config, prefix=prefix)
+        else:
+            super().__init__(_gdn_layer_config(cfg), vllm_config, prefix=prefix)
+        # Keep the (C, 1, K) conv weight as it is (vLLM's CPU GEMM dispatch would repack it).
+        self.conv1d._cpu_skip_gemm_dispatch = True
+        self.o_norm.eps = cfg.norm_eps
+
+    def _forward_core(self, mixed_qkv, b, a, core_attn_out):
+        if not current_platform.is_cpu():
+            return super()._forward_core(mixed_qkv=mixed_qkv, b=b, a=a, core_attn_out=core_attn_out)
+        md = get_forward_context().attn_metadata
+        md = md.get(self.prefix) if isinstance(md, dict) else None
+        if md is None or md.num_actual_tokens == 0:  # profiling / dummy runs
+            return
+        assert isinstance(md, GDNAttentionMetadata)
+        if md.spec_sequence_masks is not None:
+            raise NotImplementedError("speculative decoding is not supported for InfiniteVL on CPU")
+        n = md.num_actual_tokens
+        conv_state, ssm_state = self.kv_cache
+        if not is_conv_state_dim_first():
+            conv_state = conv_state.transpose(-1, -2)  # -> [slots, C, K-1]
+        num_seqs = md.num_decodes + md.num_prefills
+        has_init = md.has_initial_state.tolist() if md.has_initial_state is not None else []
+        batch = GDNBatch(
+            query_start_loc=md.non_spec_query_start_loc[: num_seqs + 1].tolist(),
+            state_indices=md.non_spec_state_indices_tensor[:num_seqs].tolist(),
+            has_initial_state=[True] * md.num_decodes + [bool(x) for x in has_init[md.num_decodes : num_seqs]],
+            num_decodes=md.num_decodes,
+        )
+        tp = self.tp_size
+        shape = GDNShape(self.num_v_heads // tp, self.head_k_dim, self.head_v_dim)
+        weight = self.conv1d.weight
+        gdn_forward_batch(
+            mixed_qkv[:n], a[:n], b[:n],
+            conv_weight=weight.view(weight.size(0), weight.size(-1)),
+            A_log=self.A_log, dt_bias=self.dt_bias,
+            conv_state=conv_state, ssm_state=ssm_state,
+            batch=batch, shape=shape, out=core_attn_out,
+        )
+
+
+class InfiniteVLSlidingAttention(nn.Module):
+    """Qwen2.5 attention (q/k/v bias, GQA, M-RoPE) restricted to the last `sliding_window` tokens."""
+
+    def __init__(self, cfg: InfiniteVLTextConfig, vllm_config: VllmConfig, prefix: str):
+        super().__init__()
+        tp = get_tensor_model_parallel_world_size()
+        self.head_dim = cfg.head_dim
+        self.num_heads = cfg.num_attention_heads // tp
+        self.num_kv_heads = max(1, cfg.num_key_value_heads // tp)
+        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        quant = vllm_config.quant_config
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, self.head_dim, cfg.num_attention_heads,
+                                          cfg.num_key_value_heads, bias=True, quant_config=quant,
+                                          prefix=f"{prefix}.qkv_proj")
+        self.o_proj = RowParallelLinear(cfg.num_attention_heads * self.head_dim, cfg.hidden_size, bias=False,
+                                        quant_config=quant, prefix=f"{prefix}.o_proj")
+        self.rotary_emb = get_rope(self.head_dim, max_position=cfg.max_position_embeddings,
+                                   rope_parameters=cfg.rope_parameters)
+        self.attn = Attention(self.num_heads, self.head_dim, self.head_dim**-0.5, num_kv_heads=self.num_kv_heads,
+                              cache_config=vllm_config.cache_config, quant_config=quant,
+                              per_layer_sliding_window=cfg.attention_window, prefix=f"{prefix}.attn")
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        qkv, _ = self.qkv_proj(hidden_states)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = self.rotary_emb(positions, q, k)
+        out, _ = self.o_proj(self.attn(q, k, v))
+        return out
+
+
+class InfiniteVLDecoderLayer(nn.Module):
+    def __init__(self, cfg: InfiniteVLTextConfig, vllm_config: VllmConfig, layer_idx: int, prefix: str):
+        super().__init__()
+        self.is_swa = is_swa_layer(layer_idx)
+        mixer_prefix = f"{prefix}.self_attn"
+        if self.is_swa:
+            self.self_attn = InfiniteVLSlidingAttention(cfg, vllm_config, mixer_prefix)
+        else:
+            self.self_attn = InfiniteVLGatedDeltaNet(cfg, vllm_config, mixer_prefix)
+        self.mlp = Qwen2MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act,
+                            quant_config=vllm_config.quant_config, prefix=f"{prefix}.mlp")
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+
+    def forward(self, positions, hidden_states, residual):
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        if self.is_swa:
+            hidden_states = self.self_attn(positions, hidden_states)
+        else:
+            out = torch.empty_like(hidden_states)
+            self.self_attn(hidden_states, out)
+            hidden_states = out
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        return self.mlp(hidden_states), residual
+
+
+@support_torch_compile(
+    dynamic_arg_dims={"input_ids": {0: "b"}, "positions": {-1: "b"}, "intermediate_tensors": {0: "b"},
+                      "inputs_embeds": {0: "b"}}
+)
+class InfiniteVLTextModel(nn.Module):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        cfg: InfiniteVLTextConfig = vllm_config.model_config.hf_config.text_config
+        self.config = cfg
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, prefix=f"{prefix}.embed_tokens")
+        self.layers = nn.ModuleList(
+            InfiniteVLDecoderLayer(cfg, vllm_config, i, prefix=f"{prefix}.layers.{i}")
+            for i in range(cfg.num_hidden_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
+        hidden = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+# Released name -> (vLLM parameter, shard id), by layer kind.
+_MLP_STACKS = [(".mlp.gate_proj.", ".mlp.gate_up_proj.", 0), (".mlp.up_proj.", ".mlp.gate_up_proj.", 1)]
+_SWA_STACKS = [(".q_proj.", ".qkv_proj.", "q"), (".k_proj.", ".qkv_proj.", "k"), (".v_proj.", ".qkv_proj.", "v")]
+_GDN_STACKS = [
+    (".q_proj.", ".in_proj_qkvg.", 0), (".k_proj.", ".in_proj_qkvg.", 1), (".v_proj.", ".in_proj_qkvg.", 2),
+    (".g_proj.", ".in_proj_qkvg.", 3),
+    (".q_conv1d.", ".conv1d.", 0), (".k_conv1d.", ".conv1d.", 1), (".v_conv1d.", ".conv1d.", 2),
+]
+
+
+class InfiniteVLForCausalLM(nn.Module):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        cfg = vllm_config.model_config.hf_config.text_config
+        self.config = cfg
+        self.model = InfiniteVLTextModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, prefix=maybe_prefix(prefix, "lm_head"))
+        self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        self.logits_processor = LogitsProcessor(cfg.vocab_size)
+        self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
+            ["hidden_states", "residual"], cfg.hidden_size
+        )
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_input_ids(input_ids)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
+        return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.logits_processor(self.lm_head, hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, w in weights:
+            if name.startswith("lm_head.") or "rotary_emb.inv_freq" in name:
+                continue  # tied to the embeddings
+            stacks = _MLP_STACKS
+            if ".layers." in name and ".self_attn." in name:
+                stacks = _SWA_STACKS if is_swa_layer(int(name.split(".layers.")[1].split(".")[0])) else _GDN_STACKS
+            for src, dst, shard in stacks:
+                if src in name:
+                    target = name.replace(src, dst)
+                    param = params[target]
+                    param.weight_loader(param, w, shard)
+                    break
+            else:
+                target = name
+                if target not in params:
+                    raise KeyError(f"checkpoint tensor {name} has no place in the InfiniteVL decoder")
+                param = params[target]
+                getattr(param, "weight_loader", default_weight_loader)(param, w)
+            loaded.add(target)
+        return loaded
+
+
+class InfiniteVLQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration, IsHybrid, HasInnerState):
+    """Qwen2.5-VL with the InfiniteVL decoder (processor, vision tower, M-RoPE inherited)."""
+
+    packed_modules_mapping = {
+        **Qwen2_5_VLForConditionalGeneration.packed_modules_mapping,
+        "in_proj_qkvg": ["q_proj", "k_proj", "v_proj", "g_proj"],
+        "conv1d": ["q_conv1d", "k_conv1d", "v_conv1d"],
+    }
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        nn.Module.__init__(self)  # the parent would build a Qwen2 decoder
+        config = vllm_config.model_config.hf_config
+        _validate_local_checkpoint(vllm_config.model_config.model)
+        multimodal_config = vllm_config.model_config.get_multimodal_config()
+        self.use_data_parallel = multimodal_config.mm_encoder_tp_mode == "data"
+        self.config = config
+        self.model_config = vllm_config.model_config
+        self.vllm_config = vllm_config
+        self.multimodal_config = multimodal_config
+        self.video_pruning_rate = multimodal_config.video_pruning_rate
+        self.is_multimodal_pruning_enabled = multimodal_config.is_multimodal_pruning_enabled()
+        with self._mark_tower_model(vllm_config, {"image", "video"}):
+            self.visual = Qwen2_5_VisionTransformer(
+                vision_config=config.vision_config,
+                norm_eps=getattr(config, "rms_norm_eps", 1e-6),
+                quant_config=self.quant_config,
+                input_norm=build_mm_input_norm(self.model_config),
+                prefix=maybe_prefix(prefix, "visual"),
+            )
+        with self._mark_language_model(vllm_config):
+            self.language_model = InfiniteVLForCausalLM(
+                vllm_config=vllm_config, prefix=maybe_prefix(prefix, "language_model")
+            )
+        self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        return self.language_model.model(input_ids=input_ids, positions=positions,
+                                         intermediate_tensors=intermediate_tensors, inputs_embeds=inputs_embeds)
+
+    # -- hybrid state declarations (one recurrent slot per sequence for every GDN layer) ------
+    @classmethod
+    def get_mamba_state_dtype_from_config(cls, vllm_config: VllmConfig) -> tuple[torch.dtype, torch.dtype]:
+        cache = vllm_config.cache_config
+        return MambaStateDtypeCalculator.gated_delta_net_state_dtype(
+            vllm_config.model_config.dtype, cache.mamba_cache_dtype, cache.mamba_ssm_cache_dtype
+        )
+
+    @classmethod
+    def get_mamba_state_shape_from_config(cls, vllm_config: VllmConfig):
+        cfg = vllm_config.model_config.hf_config.text_config
+        spec = vllm_config.speculative_config
+        return MambaStateShapeCalculator.gated_delta_net_state_shape(
+            vllm_config.parallel_config.tensor_parallel_size, cfg.num_linear_heads, cfg.num_linear_heads,
+            cfg.linear_head_dim, cfg.linear_value_head_dim, cfg.conv_size,
+            spec.num_speculative_tokens if spec else 0,
+        )
+
+    @classmethod
+    def get_mamba_state_copy_func(cls):
+        return MambaStateCopyFuncCalculator.gated_delta_net_state_copy_func()
+
+
+def _validate_local_checkpoint(model: str) -> None:
+    """Fail at load with one line naming the file and tensor, not deep inside a kernel."""
+    import os
+
+    from .checkpoint import validate_checkpoint
+
+    if os.path.isdir(model):
+        validate_checkpoint(model)
+
+
+__all__ = ["InfiniteVLQwen2_5_VLForConditionalGeneration", "IntermediateTensors"]
