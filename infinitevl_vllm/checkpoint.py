@@ -226,8 +226,8 @@ def _init_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> tor
         return dt + torch.log(-torch.expm1(-dt))  # inverse softplus
     if "norm" in leaf or leaf in ("ln_q",):
         return 1.0 + 0.1 * torch.randn(shape, generator=gen)
-    if name == "model.embed_tokens.weight":
-        return torch.randn(shape, generator=gen)
+    if name == "model.embed_tokens.weight":  # tied head: this std gives peaked yet varied greedy text
+        return 0.3 * torch.randn(shape, generator=gen)
     if "conv1d" in name:
         return torch.randn(shape, generator=gen) / math.sqrt(shape[-1])
     if name.endswith(".bias"):

@@ -1,0 +1,70 @@
+"""Helpers shared by tests that run vLLM engines against the reference model."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from infinitevl_vllm.reference import MultimodalInputs
+
+ENGINE_DEFAULTS = dict(
+    enforce_eager=True,
+    dtype="float32",
+    max_model_len=4096,
+    enable_prefix_caching=False,
+    limit_mm_per_prompt={"image": 2, "video": 1},
+    seed=0,
+)
+
+
+VIDEO_FPS = 2.0
+
+
+def make_llm(ckpt, **overrides):
+    from vllm import LLM
+
+    return LLM(model=str(ckpt), **{**ENGINE_DEFAULTS, **overrides})
+
+
+def chat_prompt(processor, text: str, n_images: int = 0, video: bool = False) -> str:
+    content = [{"type": "image"}] * n_images + ([{"type": "video"}] if video else []) + [{"type": "text", "text": text}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False)
+
+
+def video_frames(n: int, seed: int = 0, size=(112, 84)) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.random((n, size[1], size[0], 3)) * 255).astype("uint8")
+
+
+def reference_inputs(processor, prompt: str, images=None, video=None) -> MultimodalInputs:
+    kwargs = {}
+    if images:
+        kwargs["images"] = images
+    if video is not None:
+        from transformers.video_utils import VideoMetadata
+
+        n = len(video)
+        kwargs["videos"] = [torch.from_numpy(video).permute(0, 3, 1, 2)]
+        kwargs["video_metadata"] = [VideoMetadata(total_num_frames=n, fps=VIDEO_FPS, frames_indices=list(range(n)))]
+        kwargs["do_sample_frames"] = False
+    return MultimodalInputs.from_processor(processor(text=[prompt], return_tensors="pt", **kwargs))
+
+
+def vllm_prompt(prompt: str, images=None, video=None) -> dict:
+    mm = {}
+    if images:
+        mm["image"] = images if len(images) > 1 else images[0]
+    if video is not None:
+        n = len(video)
+        mm["video"] = (video, {"fps": VIDEO_FPS, "total_num_frames": n, "frames_indices": list(range(n)),
+                               "duration": n / VIDEO_FPS, "video_backend": "numpy", "do_sample_frames": False})
+    return {"prompt": prompt, "multi_modal_data": mm} if mm else {"prompt": prompt}
+
+
+def prompt_logprobs_of(output) -> list[float]:
+    """log p(token_t | <t) for t >= 1 from a vLLM RequestOutput with prompt_logprobs=0."""
+    out = []
+    for tok, lp in zip(output.prompt_token_ids[1:], output.prompt_logprobs[1:]):
+        out.append(lp[tok].logprob)
+    return out
