@@ -1,0 +1,86 @@
+"""Scheduling must not change results: chunked prefill and preemption (recompute) give the
+same greedy tokens as the reference model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import SMALL_WINDOW, random_image
+from transformers import AutoProcessor
+from vllm_helpers import chat_prompt, make_llm, reference_inputs, vllm_prompt
+
+from infinitevl_vllm.checkpoint import load_reference
+
+CHUNK = 24  # tokens per scheduler step; not a multiple of the test window (16)
+SQUEEZED_BLOCKS = 10  # ~1.25 requests' worth of KV: decoding 3 at once must preempt
+
+
+def _texts(lengths, seed=0):
+    words = "red cat runs over the blue hill and sings loudly while dogs bark".split()
+    g = torch.Generator().manual_seed(seed)
+    return [" ".join(words[i] for i in torch.randint(0, len(words), (n,), generator=g).tolist()) for n in lengths]
+
+
+def _check_against_reference(ckpt, prompts, outs, max_tokens):
+    processor = AutoProcessor.from_pretrained(ckpt)
+    ref = load_reference(ckpt, dtype=torch.float32)
+    for p, o in zip(prompts, outs):
+        image = p.get("multi_modal_data", {}).get("image")
+        mm = reference_inputs(processor, p["prompt"], [image] if image is not None else None)
+        assert o.prompt_token_ids == mm.input_ids.tolist()
+        assert list(o.outputs[0].token_ids) == ref.generate(mm, max_tokens)
+
+
+def test_chunked_prefill_across_window_boundaries(small_window_ckpt):
+    from vllm import SamplingParams
+
+    processor = AutoProcessor.from_pretrained(small_window_ckpt)
+    prompts = [vllm_prompt(chat_prompt(processor, t)) for t in _texts((70, 9, 130))]
+    prompts.append(vllm_prompt(chat_prompt(processor, "Describe it.", n_images=1),
+                               images=[random_image(3, (112, 112))]))
+    llm = make_llm(small_window_ckpt, max_num_seqs=4, max_num_batched_tokens=CHUNK, max_model_len=512,
+                   enable_chunked_prefill=True)
+    try:
+        outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True),
+                            use_tqdm=False)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    assert max(len(o.prompt_token_ids) for o in outs) > 5 * CHUNK > 5 * SMALL_WINDOW
+    _check_against_reference(small_window_ckpt, prompts, outs, 20)
+
+
+def _preemptions(llm) -> float:
+    return sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
+
+
+def test_preemption_recompute_keeps_tokens(tiny_ckpt):
+    """The 8192-window checkpoint: KV grows with the sequence, so a tiny budget must preempt."""
+    from vllm import SamplingParams
+
+    processor = AutoProcessor.from_pretrained(tiny_ckpt)
+    prompts = [vllm_prompt(chat_prompt(processor, t)) for t in _texts((70, 120, 95, 40), seed=1)]
+    llm = make_llm(tiny_ckpt, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=512,
+                   enable_chunked_prefill=True, num_gpu_blocks_override=SQUEEZED_BLOCKS, disable_log_stats=False)
+    try:
+        outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=120, ignore_eos=True),
+                            use_tqdm=False)
+        assert _preemptions(llm) > 0, "the budget did not force any preemption"
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    _check_against_reference(tiny_ckpt, prompts, outs, 120)
+
+
+@pytest.mark.slow
+def test_tensor_parallel_2_equals_tp1(small_window_ckpt, monkeypatch):
+    from vllm import SamplingParams
+
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    processor = AutoProcessor.from_pretrained(small_window_ckpt)
+    prompts = [vllm_prompt(chat_prompt(processor, t)) for t in _texts((5, 60))]
+    prompts.append(vllm_prompt(chat_prompt(processor, "Describe it.", n_images=1), images=[random_image(4)]))
+    llm = make_llm(small_window_ckpt, tensor_parallel_size=2, max_num_seqs=4)
+    try:
+        outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    _check_against_reference(small_window_ckpt, prompts, outs, 16)
