@@ -20,6 +20,7 @@ from types import SimpleNamespace
 from unittest.mock import patch
 
 import torch
+from infinitevl_kernels.gdn_batch import GDNBatch, GDNShape, gdn_forward_batch
 from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
@@ -51,8 +52,6 @@ from vllm.model_executor.models.utils import make_empty_intermediate_tensors_fac
 from vllm.platforms import current_platform
 from vllm.sequence import IntermediateTensors
 from vllm.v1.attention.backends.gdn_attn import GDNAttentionMetadata
-
-from infinitevl_kernels.gdn_batch import GDNBatch, GDNShape, gdn_forward_batch
 
 from .config import InfiniteVLTextConfig, is_swa_layer
 

