@@ -1,7 +1,6 @@
 # Two commands a user needs: `make demo` and `make test`. Both build .venv/ first when needed.
 VENV := .venv
 PY := $(VENV)/bin/python
-export VLLM_CPU_KVCACHE_SPACE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: venv demo test test-slow lint

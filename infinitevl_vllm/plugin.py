@@ -1,15 +1,108 @@
-"""vLLM general plugin: registers the InfiniteVL config and model in every vLLM process."""
+"""vLLM general plugin: registers the InfiniteVL config, model and engine-config rules in every
+vLLM process (loaded through the ``vllm.general_plugins`` entry point)."""
 
 from __future__ import annotations
+
+import logging
+
+import torch
 
 from .config import ARCHITECTURE, register_with_transformers
 
 MODEL_CLASS = "infinitevl_vllm.vllm_model:InfiniteVLQwen2_5_VLForConditionalGeneration"
+logger = logging.getLogger("vllm.infinitevl_vllm")  # under vLLM's configured logger
+
+PREFIX_CACHING_REFUSED = (
+    "InfiniteVL: prefix caching is turned off. A GDN layer's state after a prefix depends on every "
+    "token before it, so vLLM's hybrid prefix caching would have to snapshot each sequence's recurrent "
+    "state at every block boundary; recomputing a shared prefix is cheaper for this model."
+)
+
+
+def _engine_config_rules():
+    from vllm.model_executor.models.config import VerifyAndUpdateConfig
+
+    class InfiniteVLEngineConfig(VerifyAndUpdateConfig):
+        @staticmethod
+        def verify_and_update_config(vllm_config) -> None:
+            cache = vllm_config.cache_config
+            if cache.enable_prefix_caching:
+                logger.warning(PREFIX_CACHING_REFUSED)
+                cache.enable_prefix_caching = False
+            _default_cpu_state_budget(vllm_config)
+
+    return InfiniteVLEngineConfig
+
+
+def _zero_new_sliding_window_blocks_on_cpu() -> None:
+    """vLLM 0.32's CPU runner zeroes newly allocated blocks only for full-attention groups, but in a
+    hybrid model a block freed by one group is reused by another: a sliding-window block can hold a
+    former recurrent state's bytes, which read back as bf16 may be NaN, and the CPU attention kernel
+    multiplies masked-out values by zero (NaN * 0 = NaN). Zero every attention group's new blocks."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+    if getattr(CPUModelRunner._zero_block_ids, "_infinitevl", False):
+        return
+    zero_full_attention_blocks = CPUModelRunner._zero_block_ids
+
+    def zero_block_ids(self, block_ids: list[int]) -> None:
+        zero_full_attention_blocks(self, block_ids)
+        seen: set[int] = set()
+        for group in self.kv_cache_config.kv_cache_groups:
+            spec = group.kv_cache_spec
+            if not isinstance(spec, AttentionSpec) or isinstance(spec, FullAttentionSpec):
+                continue
+            for name in group.layer_names:
+                layer = self.compilation_config.static_forward_context.get(name)
+                kv = getattr(layer, "kv_cache", None)
+                if isinstance(kv, torch.Tensor) and kv.data_ptr() not in seen:
+                    seen.add(kv.data_ptr())
+                    for block_id in block_ids:
+                        kv[block_id].zero_()
+
+    zero_block_ids._infinitevl = True
+    CPUModelRunner._zero_block_ids = zero_block_ids
+
+
+def _default_cpu_state_budget(vllm_config) -> None:
+    """On CPU, vLLM by default reserves 92% of the machine (and refuses to start when page cache
+    or other processes hold more than 8%). InfiniteVL's state per sequence is bounded, so unless the
+    user set VLLM_CPU_KVCACHE_SPACE or kv_cache_memory_bytes, size the cache from the model:
+    max_num_seqs sequences' state, twice over, at least 1 GiB, at most a quarter of the machine."""
+    import os
+
+    import psutil
+    from vllm.platforms import current_platform
+
+    from .state import sequence_state_bytes
+
+    cache = vllm_config.cache_config
+    if not current_platform.is_cpu() or cache.kv_cache_memory_bytes is not None:
+        return
+    if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        return
+    model = vllm_config.model_config
+    cfg = model.hf_config.text_config
+    per_seq = sequence_state_bytes(cfg, model.dtype, model.dtype, torch.float32,
+                                   kv_tokens=min(cfg.attention_window, model.max_model_len) + 256)
+    want = 2 * per_seq * vllm_config.scheduler_config.max_num_seqs
+    budget = int(min(max(want, 1 << 30), psutil.virtual_memory().total // 4))
+    cache.kv_cache_memory_bytes = budget
+    logger.info("InfiniteVL: state cache budget %.2f GiB (%.1f MiB per sequence); set VLLM_CPU_KVCACHE_SPACE "
+                "to override", budget / 2**30, per_seq / 2**20)
 
 
 def register() -> None:
     register_with_transformers()
     from vllm import ModelRegistry
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
+    MODELS_CONFIG_MAP.setdefault(ARCHITECTURE, _engine_config_rules())
+    _zero_new_sliding_window_blocks_on_cpu()

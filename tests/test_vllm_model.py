@@ -9,6 +9,10 @@ are compared exactly.
 
 from __future__ import annotations
 
+import math
+import os
+
+import psutil
 import pytest
 import torch
 from conftest import SMALL_WINDOW, random_image
@@ -30,7 +34,7 @@ GREEDY_TOKENS = 12
 
 @pytest.fixture(scope="session")
 def llm(small_window_ckpt):
-    engine = make_llm(small_window_ckpt, max_num_seqs=8)
+    engine = make_llm(small_window_ckpt, max_num_seqs=8, enable_prefix_caching=False)
     yield engine
     engine.llm_engine.engine_core.shutdown()
 
@@ -114,6 +118,32 @@ def test_bfloat16_close_to_reference(small_window_ckpt, ref, processor, llm_bf16
 
 @pytest.fixture(scope="session")
 def llm_bf16(small_window_ckpt):
-    engine = make_llm(small_window_ckpt, dtype="bfloat16", max_num_seqs=2)
+    """Also the engine with vLLM's defaults for prefix caching and the CPU cache budget."""
+    saved = os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    try:
+        engine = make_llm(small_window_ckpt, dtype="bfloat16", max_num_seqs=2, enable_prefix_caching=None)
+    finally:
+        if saved is not None:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = saved
     yield engine
     engine.llm_engine.engine_core.shutdown()
+
+
+def test_prefix_caching_is_refused_and_budget_defaults(llm_bf16):
+    cache = llm_bf16.llm_engine.vllm_config.cache_config
+    assert cache.enable_prefix_caching is False
+    assert 1 << 30 <= cache.kv_cache_memory_bytes <= psutil.virtual_memory().total // 4
+
+
+def test_reused_cache_blocks_never_leak_between_sequences(llm_bf16, processor):
+    """A block that held another sequence's state (or KV) must not change a later result: the same
+    prompt before and after other traffic gives the same, finite log-probs and tokens."""
+    text = vllm_prompt(chat_prompt(processor, "word " * 40))
+    first = llm_bf16.generate([text], _sampling(), use_tqdm=False)[0]
+    image = vllm_prompt(chat_prompt(processor, "Describe it.", n_images=1), [random_image(9)])
+    llm_bf16.generate([image, vllm_prompt(chat_prompt(processor, "other " * 300))], _sampling(), use_tqdm=False)
+    again = llm_bf16.generate([text], _sampling(), use_tqdm=False)[0]
+    lp1, lp2 = prompt_logprobs_of(first), prompt_logprobs_of(again)
+    assert all(math.isfinite(x) for x in lp1 + lp2)
+    assert lp1 == lp2
+    assert first.outputs[0].token_ids == again.outputs[0].token_ids
