@@ -25,6 +25,7 @@ def _engine_config_rules():
     class InfiniteVLEngineConfig(VerifyAndUpdateConfig):
         @staticmethod
         def verify_and_update_config(vllm_config) -> None:
+            _validate_local_checkpoint(vllm_config.model_config.model)
             cache = vllm_config.cache_config
             if cache.enable_prefix_caching:
                 logger.warning(PREFIX_CACHING_REFUSED)
@@ -67,6 +68,17 @@ def _zero_new_sliding_window_blocks_on_cpu() -> None:
 
     zero_block_ids._infinitevl = True
     CPUModelRunner._zero_block_ids = zero_block_ids
+
+
+def _validate_local_checkpoint(model: str) -> None:
+    """Runs in the user's process before any engine process starts, so a broken checkpoint fails
+    with one line naming the file and the tensor, not deep inside a worker or a kernel."""
+    import os
+
+    from .checkpoint import validate_checkpoint
+
+    if os.path.isdir(model):
+        validate_checkpoint(model)
 
 
 def _default_cpu_state_budget(vllm_config) -> None:

@@ -50,7 +50,6 @@ from vllm.model_executor.models.qwen2_5_vl import (
 )
 from vllm.model_executor.models.utils import make_empty_intermediate_tensors_factory, maybe_prefix
 from vllm.platforms import current_platform
-from vllm.sequence import IntermediateTensors
 from vllm.v1.attention.backends.gdn_attn import GDNAttentionMetadata
 
 from .config import InfiniteVLTextConfig, is_swa_layer
@@ -288,7 +287,6 @@ class InfiniteVLQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGener
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         nn.Module.__init__(self)  # the parent would build a Qwen2 decoder
         config = vllm_config.model_config.hf_config
-        _validate_local_checkpoint(vllm_config.model_config.model)
         multimodal_config = vllm_config.model_config.get_multimodal_config()
         self.use_data_parallel = multimodal_config.mm_encoder_tp_mode == "data"
         self.config = config
@@ -338,14 +336,4 @@ class InfiniteVLQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGener
         return MambaStateCopyFuncCalculator.gated_delta_net_state_copy_func()
 
 
-def _validate_local_checkpoint(model: str) -> None:
-    """Fail at load with one line naming the file and tensor, not deep inside a kernel."""
-    import os
-
-    from .checkpoint import validate_checkpoint
-
-    if os.path.isdir(model):
-        validate_checkpoint(model)
-
-
-__all__ = ["InfiniteVLQwen2_5_VLForConditionalGeneration", "IntermediateTensors"]
+__all__ = ["InfiniteVLQwen2_5_VLForConditionalGeneration"]

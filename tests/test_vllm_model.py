@@ -147,3 +147,20 @@ def test_reused_cache_blocks_never_leak_between_sequences(llm_bf16, processor):
     assert all(math.isfinite(x) for x in lp1 + lp2)
     assert lp1 == lp2
     assert first.outputs[0].token_ids == again.outputs[0].token_ids
+
+
+def test_broken_checkpoint_fails_before_engine_start(tmp_path, tiny_ckpt):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from infinitevl_vllm.checkpoint import CheckpointError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_ckpt, broken)
+    shard = next(broken.glob("*.safetensors"))
+    tensors = load_file(shard)
+    tensors["model.layers.5.self_attn.v_conv1d.weight"] = torch.zeros(7, 1, 4)
+    save_file(tensors, shard)
+    with pytest.raises(CheckpointError, match=r"model\.layers\.5\.self_attn\.v_conv1d\.weight has shape \[7, 1, 4\]"):
+        make_llm(broken)
