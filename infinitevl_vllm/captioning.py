@@ -52,8 +52,12 @@ def _walk(root: Path) -> Iterator[ImageItem]:
 
 
 def _glob_root(pattern: str) -> Path:
-    parts = Path(pattern).parts
-    fixed = [p for p in parts[: next((i for i, p in enumerate(parts) if globlib.has_magic(p)), len(parts))]]
+    """The directory part of a pattern before its first wildcard: ids are relative to it."""
+    fixed = []
+    for part in Path(pattern).parts:
+        if globlib.has_magic(part):
+            break
+        fixed.append(part)
     return Path(*fixed) if fixed else Path(".")
 
 
@@ -67,7 +71,8 @@ def _manifest(path: Path) -> Iterator[ImageItem]:
                 row = json.loads(line)
                 item_id, item_path = str(row["id"]), str(row["path"])
             except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{n}: manifest lines must be JSON objects with 'id' and 'path' ({e})")
+                msg = f"{path}:{n}: manifest lines must be JSON objects with 'id' and 'path' ({e})"
+                raise ValueError(msg) from None
             yield ImageItem(item_id, item_path if os.path.isabs(item_path) else str(base / item_path))
 
 
@@ -254,3 +259,56 @@ def run_caption_job(cfg: CaptionConfig, llm=None) -> dict:
         bar.close()
         writer.close()
     return counts
+
+
+# -- scaling out on Ray ----------------------------------------------------------------------------
+def shard_path(out: Path, index: int, count: int) -> Path:
+    return out.with_name(f"{out.stem}.shard{index}-of-{count}{out.suffix}")
+
+
+def merge_shards(out: Path, shards: list[Path]) -> int:
+    """Append to OUT every shard record whose id OUT lacks (so a merge can itself be resumed)."""
+    done = load_done_ids(out)
+    writer = RecordWriter(out)
+    added = 0
+    try:
+        for shard in shards:
+            load_done_ids(shard)  # repairs a torn last line
+            with open(shard, encoding="utf-8") as f:
+                for line in f:
+                    if line.strip():
+                        record = json.loads(line)
+                        if record["id"] not in done:
+                            writer.write(record)
+                            done.add(record["id"])
+                            added += 1
+    finally:
+        writer.close()
+    return added
+
+
+def run_on_ray(cfg: CaptionConfig, workers: int) -> dict:
+    """One engine per Ray worker (one per GPU on a CUDA host), each on a deterministic shard of the
+    ids, writing and resuming its own shard file; the shards are merged into cfg.out at the end.
+    Joins the cluster named by RAY_ADDRESS, else starts a local one."""
+    import dataclasses
+
+    import ray
+
+    ray.init(address=os.environ.get("RAY_ADDRESS") or None, ignore_reinit_error=True,
+             log_to_driver=not cfg.quiet)
+    try:
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= workers else 0
+
+        @ray.remote(num_gpus=gpus, num_cpus=1)
+        def caption_shard(shard_cfg: CaptionConfig) -> dict:
+            return run_caption_job(shard_cfg)
+
+        shard_cfgs = [dataclasses.replace(cfg, out=shard_path(cfg.out, i, workers), shard=(i, workers), quiet=True)
+                      for i in range(workers)]
+        results = ray.get([caption_shard.remote(c) for c in shard_cfgs])
+    finally:
+        ray.shutdown()
+    merged = merge_shards(cfg.out, [c.out for c in shard_cfgs])
+    totals = {k: sum(r[k] for r in results) for k in ("captioned", "errors")}
+    return {**totals, "merged": merged}

@@ -2,6 +2,7 @@
 
     infinitevl-vllm make-checkpoint --preset tiny --out DIR [--seed N] [--sliding-window W]
     infinitevl-vllm serve CKPT [any `vllm serve` argument ...]
+    infinitevl-vllm caption --model CKPT --images DIR|GLOB|MANIFEST.jsonl --out OUT.jsonl [...]
     infinitevl-vllm demo [--checkpoint DIR]
 """
 
@@ -60,13 +61,52 @@ def _serve(argv: list[str]) -> int:
     return 0  # not reached
 
 
+def _caption(argv: list[str]) -> int:
+    from pathlib import Path
+
+    from .captioning import DEFAULT_PROMPT, CaptionConfig, run_caption_job, run_on_ray
+
+    p = argparse.ArgumentParser(
+        prog="infinitevl-vllm caption",
+        description="Caption images offline into a JSONL file: streaming, resumable, crash-safe.",
+        epilog="Rerun with the same --out to resume: ids already written are skipped.")
+    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--images", required=True, help="a directory, a glob pattern (quote it) or a .jsonl manifest "
+                                                   'of {"id", "path"} lines')
+    p.add_argument("--out", required=True, type=Path, help="JSONL output (appended to, never overwritten)")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16, help="requests in flight in the engine")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--ray", action="store_true", help="spread the work over Ray workers (RAY_ADDRESS or local)")
+    p.add_argument("--workers", type=int, default=2, help="Ray workers, one engine each (with --ray)")
+    a = p.parse_args(argv)
+    for name in ("max_tokens", "batch_size", "workers", "max_model_len"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if a.temperature < 0:
+        p.error("--temperature must be >= 0")
+    cfg = CaptionConfig(model=a.model, images=a.images, out=a.out, prompt=a.prompt, max_tokens=a.max_tokens,
+                        batch_size=a.batch_size, seed=a.seed, temperature=a.temperature, quiet=a.quiet,
+                        max_model_len=a.max_model_len)
+    from .checkpoint import validate_checkpoint
+
+    validate_checkpoint(a.model)
+    counts = run_on_ray(cfg, a.workers) if a.ray else run_caption_job(cfg)
+    print(f"captioned {counts['captioned']}, errors {counts['errors']} -> {a.out}")
+    return 0
+
+
 def _demo(argv: list[str]) -> int:
     from .demo import main as demo_main
 
     return demo_main(argv)
 
 
-COMMANDS = {"make-checkpoint": _make_checkpoint, "serve": _serve, "demo": _demo}
+COMMANDS = {"make-checkpoint": _make_checkpoint, "serve": _serve, "caption": _caption, "demo": _demo}
 
 
 def main(argv: list[str] | None = None) -> int:

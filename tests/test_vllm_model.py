@@ -32,7 +32,7 @@ LOGPROB_ATOL = 2e-3
 GREEDY_TOKENS = 12
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def llm(small_window_ckpt):
     engine = make_llm(small_window_ckpt, max_num_seqs=8, enable_prefix_caching=False)
     yield engine
@@ -116,7 +116,7 @@ def test_bfloat16_close_to_reference(small_window_ckpt, ref, processor, llm_bf16
     assert out.outputs[0].token_ids[0] == ref.generate(reference_inputs(processor, prompt, img), 1)[0]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def llm_bf16(small_window_ckpt):
     """Also the engine with vLLM's defaults for prefix caching and the CPU cache budget."""
     saved = os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
