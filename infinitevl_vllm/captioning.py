@@ -175,6 +175,7 @@ class CaptionConfig:
     temperature: float = 0.0
     quiet: bool = False
     shard: tuple[int, int] | None = None  # (index, count): take ids whose crc32 % count == index
+    done_in: tuple[Path, ...] = ()  # more files whose ids count as done (a Ray shard reads the merged OUT)
     max_model_len: int = 4096
     decode_workers: int = 4
 
@@ -217,7 +218,7 @@ def run_caption_job(cfg: CaptionConfig, llm=None) -> dict:
     """Caption every image of cfg.images not yet in cfg.out. Returns counts."""
     from vllm import LLM, SamplingParams
 
-    done = load_done_ids(cfg.out)
+    done = load_done_ids(cfg.out).union(*(load_done_ids(p) for p in cfg.done_in))
     todo = (i for i in iter_images(cfg.images) if i.id not in done and in_shard(i.id, cfg.shard))
     llm = llm or LLM(**cfg.engine_kwargs())
     engine = llm.llm_engine
@@ -304,11 +305,14 @@ def run_on_ray(cfg: CaptionConfig, workers: int) -> dict:
         def caption_shard(shard_cfg: CaptionConfig) -> dict:
             return run_caption_job(shard_cfg)
 
-        shard_cfgs = [dataclasses.replace(cfg, out=shard_path(cfg.out, i, workers), shard=(i, workers), quiet=True)
+        shard_cfgs = [dataclasses.replace(cfg, out=shard_path(cfg.out, i, workers), shard=(i, workers), quiet=True,
+                                          done_in=(cfg.out,))
                       for i in range(workers)]
         results = ray.get([caption_shard.remote(c) for c in shard_cfgs])
     finally:
         ray.shutdown()
     merged = merge_shards(cfg.out, [c.out for c in shard_cfgs])
+    for c in shard_cfgs:  # everything is in OUT now; a rerun reads OUT, not the shards
+        c.out.unlink(missing_ok=True)
     totals = {k: sum(r[k] for r in results) for k in ("captioned", "errors")}
     return {**totals, "merged": merged}

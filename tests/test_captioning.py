@@ -131,3 +131,21 @@ def test_sigkill_then_rerun_gives_every_id_once(tiny_ckpt, tmp_path):
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=900)
     ids = [json.loads(line)["id"] for line in out.read_text().splitlines()]
     assert sorted(ids) == sorted(f"img{i:03d}.{['png', 'jpg', 'webp'][i % 3]}" for i in range(40))
+
+
+@pytest.mark.slow
+def test_ray_two_workers_match_single_engine(tiny_ckpt, caption_llm, image_dir, tmp_path):
+    """`--ray --workers 2` on a local Ray cluster: same ids and (greedy) captions as one engine."""
+    from infinitevl_vllm.captioning import run_on_ray
+
+    single = _run(tiny_ckpt, caption_llm, image_dir, tmp_path / "single.jsonl")
+    out = tmp_path / "ray.jsonl"
+    cfg = CaptionConfig(model=str(tiny_ckpt), images=str(image_dir), out=out, batch_size=BATCH, max_tokens=8,
+                        quiet=True)
+    counts = run_on_ray(cfg, workers=2)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert counts["merged"] == len(rows) == len(single)
+    as_map = lambda rs: {r["id"]: r.get("caption", "ERROR") for r in rs}
+    assert as_map(rows) == as_map(single)
+    assert not list(tmp_path.glob("ray.shard*"))
+    assert run_on_ray(cfg, workers=2)["captioned"] == 0  # a rerun finds everything done
