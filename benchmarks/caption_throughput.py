@@ -4,7 +4,7 @@
 
 Each run captions the same synthetic images (224x224 PNG, greedy, 16 new tokens) into a fresh
 JSONL file through `infinitevl-vllm caption`; images/s counts the whole command (engine start
-included) and, separately, the captioning phase alone (from the first to the last record written).
+included) and, separately, the captioning phase (from the first record written to the end).
 Peak RSS is the whole process tree (Ray workers and engine processes included), sampled every 100 ms.
 """
 
@@ -53,29 +53,28 @@ def run(cmd: list[str], out: Path) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ps = psutil.Process(proc.pid)
-    first_record = last_record = None
-    size = 0
+    first_record = None
 
-    def sample():  # memory, and when OUT first and last grew
-        nonlocal peak, first_record, last_record, size
+    def sample():  # memory, and when the first record appeared (Ray workers write shard files first)
+        nonlocal peak, first_record
         while not stop.is_set():
             peak = max(peak, tree_rss(ps) + ray_rss())
-            now_size = out.stat().st_size if out.exists() else 0
-            if now_size != size:
-                size, last_record = now_size, time.perf_counter()
-                first_record = first_record or last_record
+            if first_record is None and any(f.stat().st_size for f in [out, *out.parent.glob(f"{out.stem}.shard*")]
+                                            if f.exists()):
+                first_record = time.perf_counter()
             time.sleep(0.1)
 
     th = threading.Thread(target=sample, daemon=True)
     th.start()
     rc = proc.wait()
-    wall = time.perf_counter() - t0
+    end = time.perf_counter()
+    wall = end - t0
     stop.set()
     th.join()
     if rc != 0:
         raise SystemExit(f"{' '.join(cmd)} failed with exit code {rc}")
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    phase = (last_record - first_record) if first_record else None
+    phase = (end - first_record) if first_record else None
     return {"images": len(rows), "errors": sum("error" in r for r in rows), "wall_s": round(wall, 2),
             "images_per_s_wall": round(len(rows) / wall, 3),
             "captioning_phase_s": round(phase, 2) if phase else None,
