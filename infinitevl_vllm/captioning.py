@@ -178,10 +178,13 @@ class CaptionConfig:
     done_in: tuple[Path, ...] = ()  # more files whose ids count as done (a Ray shard reads the merged OUT)
     max_model_len: int = 4096
     decode_workers: int = 4
+    dtype: str = "auto"
+    enforce_eager: bool = False
 
     def engine_kwargs(self) -> dict:
         return dict(model=self.model, max_model_len=self.max_model_len, max_num_seqs=self.batch_size,
-                    limit_mm_per_prompt={"image": 1, "video": 0}, seed=self.seed)
+                    limit_mm_per_prompt={"image": 1, "video": 0}, seed=self.seed, dtype=self.dtype,
+                    enforce_eager=self.enforce_eager)
 
 
 def in_shard(item_id: str, shard: tuple[int, int] | None) -> bool:

@@ -80,6 +80,8 @@ def _caption(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--dtype", default="auto", help="as vLLM's --dtype (auto, bfloat16, float32, ...)")
+    p.add_argument("--enforce-eager", action="store_true", help="as vLLM's: no torch.compile (faster start)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--ray", action="store_true", help="spread the work over Ray workers (RAY_ADDRESS or local)")
     p.add_argument("--workers", type=int, default=2, help="Ray workers, one engine each (with --ray)")
@@ -91,7 +93,7 @@ def _caption(argv: list[str]) -> int:
         p.error("--temperature must be >= 0")
     cfg = CaptionConfig(model=a.model, images=a.images, out=a.out, prompt=a.prompt, max_tokens=a.max_tokens,
                         batch_size=a.batch_size, seed=a.seed, temperature=a.temperature, quiet=a.quiet,
-                        max_model_len=a.max_model_len)
+                        max_model_len=a.max_model_len, dtype=a.dtype, enforce_eager=a.enforce_eager)
     from .checkpoint import validate_checkpoint
 
     validate_checkpoint(a.model)

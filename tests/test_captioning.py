@@ -17,6 +17,7 @@ from PIL import Image
 from infinitevl_vllm.captioning import CaptionConfig, iter_images, load_done_ids, run_caption_job
 
 BATCH = 4
+ENGINE = dict(batch_size=BATCH, dtype="float32", enforce_eager=True)  # the same engine for every run here
 
 
 def _write_images(d: Path, n: int, seed: int = 0) -> None:
@@ -44,15 +45,13 @@ def image_dir(tmp_path_factory) -> Path:
 def caption_llm(tiny_ckpt):
     from vllm import LLM
 
-    cfg = CaptionConfig(model=str(tiny_ckpt), images="", out=Path("unused"), batch_size=BATCH)
-    llm = LLM(**cfg.engine_kwargs(), enforce_eager=True)
+    llm = LLM(**CaptionConfig(model=str(tiny_ckpt), images="", out=Path("unused"), **ENGINE).engine_kwargs())
     yield llm
     llm.llm_engine.engine_core.shutdown()
 
 
 def _run(tiny_ckpt, llm, images, out, **kw) -> list[dict]:
-    cfg = CaptionConfig(model=str(tiny_ckpt), images=str(images), out=out, batch_size=BATCH, max_tokens=8,
-                        quiet=True, **kw)
+    cfg = CaptionConfig(model=str(tiny_ckpt), images=str(images), out=out, max_tokens=8, quiet=True, **ENGINE, **kw)
     run_caption_job(cfg, llm=llm)
     return [json.loads(line) for line in out.read_text().splitlines()]
 
@@ -116,7 +115,8 @@ def test_sigkill_then_rerun_gives_every_id_once(tiny_ckpt, tmp_path):
     _write_images(images, 40)
     out = tmp_path / "out.jsonl"
     cmd = [str(Path(sys.executable).with_name("infinitevl-vllm")), "caption", "--model", str(tiny_ckpt),
-           "--images", str(images), "--out", str(out), "--max-tokens", "24", "--batch-size", "2", "--quiet"]
+           "--images", str(images), "--out", str(out), "--max-tokens", "24", "--batch-size", "2", "--quiet",
+           "--enforce-eager"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 600
@@ -140,8 +140,7 @@ def test_ray_two_workers_match_single_engine(tiny_ckpt, caption_llm, image_dir, 
 
     single = _run(tiny_ckpt, caption_llm, image_dir, tmp_path / "single.jsonl")
     out = tmp_path / "ray.jsonl"
-    cfg = CaptionConfig(model=str(tiny_ckpt), images=str(image_dir), out=out, batch_size=BATCH, max_tokens=8,
-                        quiet=True)
+    cfg = CaptionConfig(model=str(tiny_ckpt), images=str(image_dir), out=out, max_tokens=8, quiet=True, **ENGINE)
     counts = run_on_ray(cfg, workers=2)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert counts["merged"] == len(rows) == len(single)
