@@ -109,6 +109,31 @@ def _default_cpu_state_budget(vllm_config) -> None:
                 "to override", budget / 2**30, per_seq / 2**20)
 
 
+REMOTE_MEDIA_REFUSED = (
+    "remote media URLs are not fetched by default: send the image as a data: URL, or start the server "
+    "with --allowed-media-domains HOST [HOST ...] to fetch from those hosts"
+)
+
+
+def _refuse_remote_media_unless_allowed() -> None:
+    """vLLM fetches any http(s) media URL a client names unless --allowed-media-domains is given (an
+    empty list means every host). A server should not fetch arbitrary URLs for anonymous clients:
+    with no allow-list, refuse; naming hosts with vLLM's own flag is the opt-in."""
+    from vllm.multimodal.media.connector import MediaConnector
+
+    check_allow_list = MediaConnector._assert_url_in_allowed_media_domains
+    if getattr(check_allow_list, "_infinitevl", False):
+        return
+
+    def assert_allowed(self, url_spec) -> None:
+        if not self.allowed_media_domains:
+            raise ValueError(f"{REMOTE_MEDIA_REFUSED} (got {url_spec.scheme}://{url_spec.hostname})")
+        check_allow_list(self, url_spec)
+
+    assert_allowed._infinitevl = True
+    MediaConnector._assert_url_in_allowed_media_domains = assert_allowed
+
+
 def register() -> None:
     register_with_transformers()
     from vllm import ModelRegistry
@@ -118,3 +143,4 @@ def register() -> None:
         ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
     MODELS_CONFIG_MAP.setdefault(ARCHITECTURE, _engine_config_rules())
     _zero_new_sliding_window_blocks_on_cpu()
+    _refuse_remote_media_unless_allowed()

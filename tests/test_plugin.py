@@ -1,0 +1,59 @@
+"""What the vLLM plugin changes in vLLM, checked without starting an engine."""
+
+from __future__ import annotations
+
+import http.server
+import io
+import threading
+
+import pytest
+from PIL import Image
+
+from infinitevl_vllm.plugin import register
+
+
+@pytest.fixture(scope="module")
+def image_server():
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), "red").save(buf, "PNG")
+    hits: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.end_headers()
+            self.wfile.write(buf.getvalue())
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}/x.png", hits
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_remote_media_refused_without_allow_list(image_server):
+    from vllm.multimodal.media.connector import MediaConnector
+    from vllm.multimodal.media.image import ImageMediaIO
+
+    register()
+    url, hits = image_server
+    with pytest.raises(ValueError, match="remote media URLs are not fetched by default.*--allowed-media-domains"):
+        MediaConnector().load_from_url(url, ImageMediaIO())
+    assert hits == []
+
+
+def test_remote_media_fetched_from_allowed_hosts(image_server):
+    from vllm.multimodal.media.connector import MediaConnector
+    from vllm.multimodal.media.image import ImageMediaIO
+
+    register()
+    url, hits = image_server
+    image = MediaConnector(allowed_media_domains=["127.0.0.1"]).load_from_url(url, ImageMediaIO())
+    assert image.media.size == (32, 32) and hits == ["/x.png"]
+    with pytest.raises(ValueError, match="allowed domains"):
+        MediaConnector(allowed_media_domains=["example.org"]).load_from_url(url, ImageMediaIO())
