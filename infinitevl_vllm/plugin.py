@@ -134,6 +134,26 @@ def _refuse_remote_media_unless_allowed() -> None:
     MediaConnector._assert_url_in_allowed_media_domains = assert_allowed
 
 
+def _refuse_decompression_bombs() -> None:
+    """PIL refuses images that declare absurd sizes with DecompressionBombError, which is not an
+    OSError, so vLLM's image loader lets it through as a server error (500). Make it a bad request."""
+    from PIL import Image
+    from vllm.multimodal.media.image import ImageMediaIO
+
+    load_bytes = ImageMediaIO.load_bytes
+    if getattr(load_bytes, "_infinitevl", False):
+        return
+
+    def load_bytes_or_refuse(self, data: bytes):
+        try:
+            return load_bytes(self, data)
+        except Image.DecompressionBombError as e:
+            raise ValueError(f"Failed to load image: {e}") from e
+
+    load_bytes_or_refuse._infinitevl = True
+    ImageMediaIO.load_bytes = load_bytes_or_refuse
+
+
 def register() -> None:
     register_with_transformers()
     from vllm import ModelRegistry
@@ -144,3 +164,4 @@ def register() -> None:
     MODELS_CONFIG_MAP.setdefault(ARCHITECTURE, _engine_config_rules())
     _zero_new_sliding_window_blocks_on_cpu()
     _refuse_remote_media_unless_allowed()
+    _refuse_decompression_bombs()

@@ -57,3 +57,21 @@ def test_remote_media_fetched_from_allowed_hosts(image_server):
     assert image.media.size == (32, 32) and hits == ["/x.png"]
     with pytest.raises(ValueError, match="allowed domains"):
         MediaConnector(allowed_media_domains=["example.org"]).load_from_url(url, ImageMediaIO())
+
+
+def test_decompression_bomb_is_a_value_error():
+    import base64
+    import struct
+    import zlib
+
+    from vllm.multimodal.media.image import ImageMediaIO
+
+    register()
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    bomb = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 60000, 60000, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b""))
+    with pytest.raises(ValueError, match="Failed to load image: .*decompression bomb"):
+        ImageMediaIO().load_base64("image/png", base64.b64encode(bomb).decode())
