@@ -133,6 +133,17 @@ def _refuse_remote_media_unless_allowed() -> None:
     assert_allowed._infinitevl = True
     MediaConnector._assert_url_in_allowed_media_domains = assert_allowed
 
+    load_file_url = MediaConnector._load_file_url
+
+    def load_file_url_or_refuse(self, url_spec, media_io):
+        # vLLM raises RuntimeError here, which its server answers with a 500.
+        if self.allowed_local_media_path is None:
+            raise ValueError("file:// media URLs are not read by default: start the server with "
+                             "--allowed-local-media-path DIR to read files under DIR")
+        return load_file_url(self, url_spec, media_io)
+
+    MediaConnector._load_file_url = load_file_url_or_refuse
+
 
 def _refuse_decompression_bombs() -> None:
     """PIL refuses images that declare absurd sizes with DecompressionBombError, which is not an

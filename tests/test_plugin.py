@@ -75,3 +75,15 @@ def test_decompression_bomb_is_a_value_error():
             + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b""))
     with pytest.raises(ValueError, match="Failed to load image: .*decompression bomb"):
         ImageMediaIO().load_base64("image/png", base64.b64encode(bomb).decode())
+
+
+def test_local_files_refused_without_allowed_path(tmp_path):
+    from vllm.multimodal.media.connector import MediaConnector
+    from vllm.multimodal.media.image import ImageMediaIO
+
+    register()
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    with pytest.raises(ValueError, match="--allowed-local-media-path"):
+        MediaConnector().load_from_url(f"file://{tmp_path}/a.png", ImageMediaIO())
+    assert MediaConnector(allowed_local_media_path=str(tmp_path)).load_from_url(
+        f"file://{tmp_path}/a.png", ImageMediaIO()).media.size == (8, 8)

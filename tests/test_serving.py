@@ -1,0 +1,213 @@
+"""`infinitevl-vllm serve`: vLLM's OpenAI server on our model, with images, and refusing bad input.
+
+One real server for the whole module, bound to 127.0.0.1 with an API key, stopped at the end.
+Every refused request is followed by a good one that must succeed.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+import urllib.request
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from infinitevl_vllm.demo import free_port
+
+API_KEY = "test-key"
+MODEL = "infinitevl"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_ckpt, tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    cmd = [str(Path(sys.executable).with_name("infinitevl-vllm")), "serve", str(tiny_ckpt), "--host", "127.0.0.1",
+           "--port", str(port), "--api-key", API_KEY, "--served-model-name", MODEL, "--max-model-len", "4096",
+           "--enforce-eager", "--dtype", "float32", "--limit-mm-per-prompt", '{"image": 2, "video": 1}',
+           "--max-num-seqs", "8"]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 600
+        while True:
+            assert proc.poll() is None, f"server exited: {log.read_text()[-2000:]}"
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=2):
+                    break
+            except OSError:
+                assert time.time() < deadline, "server did not become healthy in 600 s"
+                time.sleep(1)
+        yield base
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server + "/v1", api_key=API_KEY, max_retries=0)
+
+
+def image_url(fmt: str = "PNG", seed: int = 0, size=(96, 80)) -> str:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype("uint8")).save(buf, fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def ask(client, *urls, text="What is this?", **kw):
+    content = [{"type": "image_url", "image_url": {"url": u}} for u in urls] + [{"type": "text", "text": text}]
+    params = {"max_tokens": 8, "temperature": 0, **kw}
+    return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}], **params)
+
+
+def assert_still_serving(client):
+    r = ask(client, image_url())
+    assert r.choices[0].message.content and r.usage.completion_tokens > 0
+
+
+# -- what must work ---------------------------------------------------------------------------------
+def test_models_health_metrics(server, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    with urllib.request.urlopen(server + "/health") as r:
+        assert r.status == 200
+    with urllib.request.urlopen(server + "/metrics") as r:
+        assert b"vllm:num_requests_running" in r.read()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+def test_image_formats(client, fmt):
+    r = ask(client, image_url(fmt))
+    assert r.usage.completion_tokens == 8 and r.usage.prompt_tokens > 20
+
+
+def test_two_images_and_streaming(client):
+    one = ask(client, image_url(seed=1))
+    two = ask(client, image_url(seed=1), image_url(seed=2))
+    assert two.usage.prompt_tokens > one.usage.prompt_tokens
+    chunks = list(ask(client, image_url(), stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len(chunks) >= 2 and text == ask(client, image_url()).choices[0].message.content
+
+
+def test_text_multi_turn_and_completions(client):
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "And now?"}]
+    r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=5, temperature=0)
+    assert r.usage.completion_tokens == 5
+    c = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=5, temperature=0)
+    assert c.choices[0].text and c.usage.completion_tokens == 5
+
+
+def test_sampling_parameters(client):
+    kw = dict(temperature=1.0, top_p=0.9, max_tokens=12, extra_body={"top_k": 50})
+    a = ask(client, image_url(), seed=123, **kw).choices[0].message.content
+    b = ask(client, image_url(), seed=123, **kw).choices[0].message.content
+    assert a == b  # same seed, same text
+    many = ask(client, image_url(), n=3, temperature=1.0, max_tokens=6)
+    assert len(many.choices) == 3
+    lp = ask(client, image_url(), logprobs=True, top_logprobs=2, max_tokens=4)
+    assert len(lp.choices[0].logprobs.content) == 4 and len(lp.choices[0].logprobs.content[0].top_logprobs) == 2
+    greedy = ask(client, image_url(), max_tokens=12).choices[0].message.content
+    stop = greedy[3:6]
+    if stop.strip():
+        stopped = ask(client, image_url(), max_tokens=12, stop=[stop]).choices[0].message.content
+        assert stop not in stopped and greedy.startswith(stopped)
+
+
+# -- bad input: a clear 4xx, and the server keeps serving ---------------------------------------------
+def _png_bomb() -> str:
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 60000, 60000, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b""))
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def _truncated_png() -> str:
+    full = base64.b64decode(image_url().split(",", 1)[1])
+    return "data:image/png;base64," + base64.b64encode(full[:60]).decode()
+
+
+BAD_IMAGES = {
+    "invalid base64": "data:image/png;base64,!!!notbase64",
+    "bytes that are no image": "data:image/png;base64," + base64.b64encode(b"hello world" * 10).decode(),
+    "truncated png": _truncated_png(),
+    "decompression bomb": _png_bomb(),
+    "unsupported media type": "data:application/pdf;base64," + base64.b64encode(b"%PDF-1.4").decode(),
+    "remote url (not fetched by default)": "http://127.0.0.1:9/x.png",
+    "local file url": "file:///etc/hostname",
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_IMAGES))
+def test_bad_images_are_400(client, name):
+    import openai
+
+    with pytest.raises(openai.BadRequestError):
+        ask(client, BAD_IMAGES[name])
+    assert_still_serving(client)
+
+
+def test_too_many_images_is_400(client):
+    import openai
+
+    with pytest.raises(openai.BadRequestError, match="(?i)image"):
+        ask(client, image_url(seed=1), image_url(seed=2), image_url(seed=3))
+    assert_still_serving(client)
+
+
+@pytest.mark.parametrize("params", [
+    {"max_tokens": 0}, {"max_tokens": -5}, {"max_tokens": 10**9}, {"temperature": -1.0},
+])
+def test_invalid_sampling_is_400(client, params):
+    import openai
+
+    with pytest.raises(openai.BadRequestError):
+        ask(client, image_url(), **params)
+    assert_still_serving(client)
+
+
+def test_unknown_model_and_empty_messages(client):
+    import openai
+
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="no-such-model", max_tokens=4, messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, max_tokens=4, messages=[])
+    assert_still_serving(client)
+
+
+def test_malformed_json_and_missing_key(server, client):
+    req = urllib.request.Request(server + "/v1/chat/completions", data=b"{not json",
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req)
+    assert 400 <= e.value.code < 500
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x"}]}).encode()
+    req = urllib.request.Request(server + "/v1/chat/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req)
+    assert e.value.code == 401
+    assert_still_serving(client)
