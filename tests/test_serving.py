@@ -211,3 +211,83 @@ def test_malformed_json_and_missing_key(server, client):
         urllib.request.urlopen(req)
     assert e.value.code == 401
     assert_still_serving(client)
+
+
+# -- video ------------------------------------------------------------------------------------------
+def _frames(n=4, size=(112, 84), seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.random((n, size[1], size[0], 3)) * 255).astype("uint8")
+
+
+def ask_video(client, url: str, **kw):
+    content = [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": "What happens?"}]
+    return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}],
+                                          max_tokens=8, temperature=0, **kw)
+
+
+def test_video_as_mp4_data_url(client, tmp_path):
+    import cv2
+
+    path = str(tmp_path / "v.mp4")
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 4.0, (112, 84))
+    for frame in _frames(8):
+        writer.write(frame[:, :, ::-1])
+    writer.release()
+    url = "data:video/mp4;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+    r = ask_video(client, url)
+    assert r.usage.completion_tokens == 8 and r.usage.prompt_tokens > 40
+
+
+def test_video_as_list_of_jpeg_frames(client):
+    parts = []
+    for frame in _frames(4, seed=3):
+        buf = io.BytesIO()
+        Image.fromarray(frame).save(buf, "JPEG")
+        parts.append(base64.b64encode(buf.getvalue()).decode())
+    r = ask_video(client, "data:video/jpeg;base64," + ",".join(parts))
+    assert r.usage.completion_tokens == 8 and r.usage.prompt_tokens > 40
+
+
+# -- concurrency ------------------------------------------------------------------------------------
+def _running(server) -> float:
+    with urllib.request.urlopen(server + "/metrics") as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("vllm:num_requests_running{"):
+                return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("no vllm:num_requests_running metric")
+
+
+def test_32_concurrent_streams_of_mixed_lengths(client):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i: int) -> int:
+        urls = [image_url(seed=i)] if i % 3 == 0 else []
+        stream = ask(client, *urls, text="word " * (5 + 37 * (i % 7)), max_tokens=4 + i % 13, stream=True)
+        return sum(1 for c in stream if c.choices and c.choices[0].delta.content is not None)
+
+    with ThreadPoolExecutor(32) as pool:
+        counts = list(pool.map(one, range(32)))
+    assert all(c >= 1 for c in counts)
+    assert_still_serving(client)
+
+
+def test_client_disconnect_frees_its_slot(server, client):
+    import http.client
+
+    body = json.dumps({"model": MODEL, "stream": True, "max_tokens": 3000, "ignore_eos": True, "temperature": 0,
+                       "messages": [{"role": "user", "content": "Talk forever."}]})
+    host, port = server.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("POST", "/v1/chat/completions", body=body,
+                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    resp.fp.readline()  # the first event: generation is under way
+    assert _running(server) == 1
+    conn.sock.shutdown(2)
+    conn.close()
+    deadline = time.time() + 15
+    while _running(server) != 0:
+        assert time.time() < deadline, "the disconnected request still holds its slot after 15 s"
+        time.sleep(0.2)
+    assert_still_serving(client)
