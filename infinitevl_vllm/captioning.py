@@ -90,10 +90,6 @@ def iter_images(spec: str) -> Iterator[ImageItem]:
     raise FileNotFoundError(f"--images {spec!r}: not a directory, a .jsonl manifest or a glob pattern")
 
 
-def count_images(spec: str) -> int:
-    return sum(1 for _ in iter_images(spec))
-
-
 # -- output --------------------------------------------------------------------------------------
 def load_done_ids(out: Path) -> set[str]:
     """Ids already in OUT; a torn last line (a write cut by a kill) is cut off the file."""

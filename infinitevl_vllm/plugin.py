@@ -19,6 +19,16 @@ PREFIX_CACHING_REFUSED = (
 )
 
 
+def _patch_once(owner, name: str, wrap) -> None:
+    """Replace owner.<name> with wrap(original) once per process (register() may run many times)."""
+    original = getattr(owner, name)
+    if getattr(original, "_infinitevl", False):
+        return
+    replacement = wrap(original)
+    replacement._infinitevl = True
+    setattr(owner, name, replacement)
+
+
 def _engine_config_rules():
     from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
@@ -47,27 +57,25 @@ def _zero_new_sliding_window_blocks_on_cpu() -> None:
     from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
     from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
-    if getattr(CPUModelRunner._zero_block_ids, "_infinitevl", False):
-        return
-    zero_full_attention_blocks = CPUModelRunner._zero_block_ids
+    def wrap(zero_full_attention_blocks):
+        def zero_block_ids(self, block_ids: list[int]) -> None:
+            zero_full_attention_blocks(self, block_ids)
+            seen: set[int] = set()
+            for group in self.kv_cache_config.kv_cache_groups:
+                spec = group.kv_cache_spec
+                if not isinstance(spec, AttentionSpec) or isinstance(spec, FullAttentionSpec):
+                    continue
+                for name in group.layer_names:
+                    layer = self.compilation_config.static_forward_context.get(name)
+                    kv = getattr(layer, "kv_cache", None)
+                    if isinstance(kv, torch.Tensor) and kv.data_ptr() not in seen:
+                        seen.add(kv.data_ptr())
+                        for block_id in block_ids:
+                            kv[block_id].zero_()
 
-    def zero_block_ids(self, block_ids: list[int]) -> None:
-        zero_full_attention_blocks(self, block_ids)
-        seen: set[int] = set()
-        for group in self.kv_cache_config.kv_cache_groups:
-            spec = group.kv_cache_spec
-            if not isinstance(spec, AttentionSpec) or isinstance(spec, FullAttentionSpec):
-                continue
-            for name in group.layer_names:
-                layer = self.compilation_config.static_forward_context.get(name)
-                kv = getattr(layer, "kv_cache", None)
-                if isinstance(kv, torch.Tensor) and kv.data_ptr() not in seen:
-                    seen.add(kv.data_ptr())
-                    for block_id in block_ids:
-                        kv[block_id].zero_()
+        return zero_block_ids
 
-    zero_block_ids._infinitevl = True
-    CPUModelRunner._zero_block_ids = zero_block_ids
+    _patch_once(CPUModelRunner, "_zero_block_ids", wrap)
 
 
 def _validate_local_checkpoint(model: str) -> None:
@@ -121,28 +129,26 @@ def _refuse_remote_media_unless_allowed() -> None:
     with no allow-list, refuse; naming hosts with vLLM's own flag is the opt-in."""
     from vllm.multimodal.media.connector import MediaConnector
 
-    check_allow_list = MediaConnector._assert_url_in_allowed_media_domains
-    if getattr(check_allow_list, "_infinitevl", False):
-        return
+    def wrap_allow_list(check_allow_list):
+        def assert_allowed(self, url_spec) -> None:
+            if not self.allowed_media_domains:
+                raise ValueError(f"{REMOTE_MEDIA_REFUSED} (got {url_spec.scheme}://{url_spec.hostname})")
+            check_allow_list(self, url_spec)
 
-    def assert_allowed(self, url_spec) -> None:
-        if not self.allowed_media_domains:
-            raise ValueError(f"{REMOTE_MEDIA_REFUSED} (got {url_spec.scheme}://{url_spec.hostname})")
-        check_allow_list(self, url_spec)
+        return assert_allowed
 
-    assert_allowed._infinitevl = True
-    MediaConnector._assert_url_in_allowed_media_domains = assert_allowed
+    def wrap_file_url(load_file_url):
+        def load_file_url_or_refuse(self, url_spec, media_io):
+            # vLLM raises RuntimeError here, which its server answers with a 500.
+            if self.allowed_local_media_path is None:
+                raise ValueError("file:// media URLs are not read by default: start the server with "
+                                 "--allowed-local-media-path DIR to read files under DIR")
+            return load_file_url(self, url_spec, media_io)
 
-    load_file_url = MediaConnector._load_file_url
+        return load_file_url_or_refuse
 
-    def load_file_url_or_refuse(self, url_spec, media_io):
-        # vLLM raises RuntimeError here, which its server answers with a 500.
-        if self.allowed_local_media_path is None:
-            raise ValueError("file:// media URLs are not read by default: start the server with "
-                             "--allowed-local-media-path DIR to read files under DIR")
-        return load_file_url(self, url_spec, media_io)
-
-    MediaConnector._load_file_url = load_file_url_or_refuse
+    _patch_once(MediaConnector, "_assert_url_in_allowed_media_domains", wrap_allow_list)
+    _patch_once(MediaConnector, "_load_file_url", wrap_file_url)
 
 
 def _refuse_decompression_bombs() -> None:
@@ -151,18 +157,16 @@ def _refuse_decompression_bombs() -> None:
     from PIL import Image
     from vllm.multimodal.media.image import ImageMediaIO
 
-    load_bytes = ImageMediaIO.load_bytes
-    if getattr(load_bytes, "_infinitevl", False):
-        return
+    def wrap(load_bytes):
+        def load_bytes_or_refuse(self, data: bytes):
+            try:
+                return load_bytes(self, data)
+            except Image.DecompressionBombError as e:
+                raise ValueError(f"Failed to load image: {e}") from e
 
-    def load_bytes_or_refuse(self, data: bytes):
-        try:
-            return load_bytes(self, data)
-        except Image.DecompressionBombError as e:
-            raise ValueError(f"Failed to load image: {e}") from e
+        return load_bytes_or_refuse
 
-    load_bytes_or_refuse._infinitevl = True
-    ImageMediaIO.load_bytes = load_bytes_or_refuse
+    _patch_once(ImageMediaIO, "load_bytes", wrap)
 
 
 def register() -> None:

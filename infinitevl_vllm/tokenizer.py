@@ -81,7 +81,10 @@ def save_tokenizer(out_dir: str | os.PathLike) -> None:
     if not (cache / "tokenizer.json").exists():
         tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
         _build().save_pretrained(tmp)
-        tmp.replace(cache) if not cache.exists() else shutil.rmtree(tmp)
+        if cache.exists():  # another process built it meanwhile
+            shutil.rmtree(tmp)
+        else:
+            tmp.replace(cache)
     for f in cache.iterdir():
         shutil.copy2(f, Path(out_dir) / f.name)
 
