@@ -7,7 +7,7 @@ from conftest import random_image
 from transformers import AutoProcessor
 
 from infinitevl_vllm.checkpoint import load_reference
-from infinitevl_vllm.reference import MultimodalInputs, mrope_positions
+from infinitevl_vllm.reference import MultimodalInputs
 
 
 @pytest.fixture(scope="module")
@@ -58,19 +58,9 @@ def _hf_rope_index(cfg, b):
     return pos[:, 0], int(delta.flatten()[0])
 
 
-def _ours(cfg, b):
-    mm = MultimodalInputs.from_processor(b)
-    return mrope_positions(
-        mm.input_ids, mm.image_grid_thw, mm.video_grid_thw, image_token_id=cfg.image_token_id,
-        video_token_id=cfg.video_token_id, vision_start_token_id=cfg.vision_start_token_id,
-        spatial_merge_size=2, tokens_per_second=cfg.vision_config.tokens_per_second,
-        second_per_grid_ts=mm.second_per_grid_ts,
-    )
-
-
 def test_mrope_ids_mixed_images_and_text_match_qwen_rule(ref64, processor):
     b = image_batch(processor, n_images=2, text="Compare these two pictures, please.")
-    ours, delta = _ours(ref64.config, b)
+    ours, delta = ref64.positions(MultimodalInputs.from_processor(b))
     theirs, their_delta = _hf_rope_index(ref64.config, b)
     assert torch.equal(ours, theirs)
     assert delta == their_delta
@@ -91,7 +81,7 @@ def test_mrope_ids_video_match_qwen_rule(ref64, processor):
     b = processor(text=[prompt], videos=[frames.permute(0, 3, 1, 2)], return_tensors="pt",
                   videos_kwargs={"do_sample_frames": False, "fps": 2.0})
     assert b["video_grid_thw"][0, 0] == 2
-    ours, delta = _ours(ref64.config, b)
+    ours, delta = ref64.positions(MultimodalInputs.from_processor(b))
     theirs, their_delta = _hf_rope_index(ref64.config, b)
     assert torch.equal(ours, theirs) and delta == their_delta
 

@@ -21,6 +21,7 @@ from vllm_helpers import (
     chat_prompt,
     make_llm,
     prompt_logprobs_of,
+    random_texts,
     reference_inputs,
     video_frames,
     vllm_prompt,
@@ -66,15 +67,9 @@ def _compare(llm, ref, processor, prompt, images=None, video=None):
     return out
 
 
-def _words(n: int, seed: int) -> str:
-    g = torch.Generator().manual_seed(seed)
-    vocab = ["red", "cat", "runs", "over", "the", "blue", "hill", "and", "sings", "loudly", "while", "dogs"]
-    return " ".join(vocab[i] for i in torch.randint(0, len(vocab), (n,), generator=g).tolist())
-
-
 @pytest.mark.parametrize("n_words", [3, SMALL_WINDOW * 5])
 def test_text_shorter_and_longer_than_window(llm, ref, processor, n_words):
-    out = _compare(llm, ref, processor, chat_prompt(processor, _words(n_words, n_words)))
+    out = _compare(llm, ref, processor, chat_prompt(processor, random_texts([n_words], seed=n_words)[0]))
     if n_words > 3:
         assert len(out.prompt_token_ids) > 4 * SMALL_WINDOW
 
@@ -93,7 +88,7 @@ def test_short_video(llm, ref, processor):
 
 
 def test_batch_of_8_equals_each_alone(llm, processor):
-    prompts = [vllm_prompt(chat_prompt(processor, _words(n, n))) for n in (1, 5, 17, 40, 90, 3, 160, 8)]
+    prompts = [vllm_prompt(chat_prompt(processor, random_texts([n], seed=n)[0])) for n in (1, 5, 17, 40, 90, 3, 160, 8)]
     prompts[2] = vllm_prompt(chat_prompt(processor, "Describe it.", n_images=1), images=[random_image(5)])
     sp = _sampling(max_tokens=10, prompt_logprobs=None)
     together = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, sp, use_tqdm=False)]

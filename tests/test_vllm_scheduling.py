@@ -6,18 +6,12 @@ from __future__ import annotations
 import torch
 from conftest import SMALL_WINDOW, random_image
 from transformers import AutoProcessor
-from vllm_helpers import chat_prompt, make_llm, reference_inputs, vllm_prompt
+from vllm_helpers import chat_prompt, make_llm, random_texts, reference_inputs, vllm_prompt
 
 from infinitevl_vllm.checkpoint import load_reference
 
 CHUNK = 24  # tokens per scheduler step; not a multiple of the test window (16)
 SQUEEZED_BLOCKS = 10  # ~1.25 requests' worth of KV: decoding 3 at once must preempt
-
-
-def _texts(lengths, seed=0):
-    words = "red cat runs over the blue hill and sings loudly while dogs bark".split()
-    g = torch.Generator().manual_seed(seed)
-    return [" ".join(words[i] for i in torch.randint(0, len(words), (n,), generator=g).tolist()) for n in lengths]
 
 
 def _check_against_reference(ckpt, prompts, outs, max_tokens):
@@ -34,7 +28,7 @@ def test_chunked_prefill_across_window_boundaries(small_window_ckpt):
     from vllm import SamplingParams
 
     processor = AutoProcessor.from_pretrained(small_window_ckpt)
-    prompts = [vllm_prompt(chat_prompt(processor, t)) for t in _texts((70, 9, 130))]
+    prompts = [vllm_prompt(chat_prompt(processor, t)) for t in random_texts((70, 9, 130))]
     prompts.append(vllm_prompt(chat_prompt(processor, "Describe it.", n_images=1),
                                images=[random_image(3, (112, 112))]))
     llm = make_llm(small_window_ckpt, max_num_seqs=4, max_num_batched_tokens=CHUNK, max_model_len=512,
@@ -57,7 +51,7 @@ def test_preemption_recompute_keeps_tokens(tiny_ckpt):
     from vllm import SamplingParams
 
     processor = AutoProcessor.from_pretrained(tiny_ckpt)
-    prompts = [vllm_prompt(chat_prompt(processor, t)) for t in _texts((70, 120, 95, 40), seed=1)]
+    prompts = [vllm_prompt(chat_prompt(processor, t)) for t in random_texts((70, 120, 95, 40), seed=1)]
     llm = make_llm(tiny_ckpt, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=512,
                    enable_chunked_prefill=True, num_gpu_blocks_override=SQUEEZED_BLOCKS, disable_log_stats=False)
     try:
@@ -74,7 +68,7 @@ def test_tensor_parallel_2_equals_tp1(small_window_ckpt, monkeypatch):
 
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
     processor = AutoProcessor.from_pretrained(small_window_ckpt)
-    prompts = [vllm_prompt(chat_prompt(processor, t)) for t in _texts((5, 60))]
+    prompts = [vllm_prompt(chat_prompt(processor, t)) for t in random_texts((5, 60))]
     prompts.append(vllm_prompt(chat_prompt(processor, "Describe it.", n_images=1), images=[random_image(4)]))
     llm = make_llm(small_window_ckpt, tensor_parallel_size=2, max_num_seqs=4)
     try:

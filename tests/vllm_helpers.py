@@ -26,6 +26,13 @@ def make_llm(ckpt, **overrides):
     return LLM(model=str(ckpt), **{**ENGINE_DEFAULTS, **overrides})
 
 
+def random_texts(lengths, seed: int = 0) -> list[str]:
+    """Seeded texts of the given word counts (plain words: a few tokens each)."""
+    words = "red cat runs over the blue hill and sings loudly while dogs bark".split()
+    g = torch.Generator().manual_seed(seed)
+    return [" ".join(words[i] for i in torch.randint(0, len(words), (n,), generator=g).tolist()) for n in lengths]
+
+
 def chat_prompt(processor, text: str, n_images: int = 0, video: bool = False) -> str:
     content = [{"type": "image"}] * n_images + ([{"type": "video"}] if video else []) + [{"type": "text", "text": text}]
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
