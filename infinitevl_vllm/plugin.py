@@ -45,37 +45,21 @@ def _engine_config_rules():
     return InfiniteVLEngineConfig
 
 
-def _zero_new_sliding_window_blocks_on_cpu() -> None:
-    """vLLM 0.32's CPU runner zeroes newly allocated blocks only for full-attention groups, but in a
-    hybrid model a block freed by one group is reused by another: a sliding-window block can hold a
-    former recurrent state's bytes, which read back as bf16 may be NaN, and the CPU attention kernel
-    multiplies masked-out values by zero (NaN * 0 = NaN). Zero every attention group's new blocks."""
-    from vllm.platforms import current_platform
+def _no_length_limit_for_infinitevl() -> None:
+    """vLLM refuses a --max-model-len above the config's max_position_embeddings (RoPE tables and
+    KV grow with it). InfiniteVL computes rotary angles from the positions and keeps constant state,
+    so any length the user asks for is served; without the flag the config's length is the default."""
+    import vllm.config.model as model_config
 
-    if not current_platform.is_cpu():
-        return
-    from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
-    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    def wrap(get_and_verify_max_len):
+        def max_len(hf_config, *args, max_model_len=None, **kwargs):
+            if getattr(hf_config, "model_type", None) == "infinite_vl_text" and max_model_len not in (None, -1):
+                return int(max_model_len)
+            return get_and_verify_max_len(hf_config, *args, max_model_len=max_model_len, **kwargs)
 
-    def wrap(zero_full_attention_blocks):
-        def zero_block_ids(self, block_ids: list[int]) -> None:
-            zero_full_attention_blocks(self, block_ids)
-            seen: set[int] = set()
-            for group in self.kv_cache_config.kv_cache_groups:
-                spec = group.kv_cache_spec
-                if not isinstance(spec, AttentionSpec) or isinstance(spec, FullAttentionSpec):
-                    continue
-                for name in group.layer_names:
-                    layer = self.compilation_config.static_forward_context.get(name)
-                    kv = getattr(layer, "kv_cache", None)
-                    if isinstance(kv, torch.Tensor) and kv.data_ptr() not in seen:
-                        seen.add(kv.data_ptr())
-                        for block_id in block_ids:
-                            kv[block_id].zero_()
+        return max_len
 
-        return zero_block_ids
-
-    _patch_once(CPUModelRunner, "_zero_block_ids", wrap)
+    _patch_once(model_config, "_get_and_verify_max_len", wrap)
 
 
 def _validate_local_checkpoint(model: str) -> None:
@@ -177,6 +161,9 @@ def register() -> None:
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
     MODELS_CONFIG_MAP.setdefault(ARCHITECTURE, _engine_config_rules())
-    _zero_new_sliding_window_blocks_on_cpu()
+    _no_length_limit_for_infinitevl()
+    from .state_manager import register_ring_kv_spec
+
+    register_ring_kv_spec()
     _refuse_remote_media_unless_allowed()
     _refuse_decompression_bombs()

@@ -8,8 +8,9 @@ What is ours and why:
   need value head dim == key head dim, so on CPU the core runs our torch code from
   ``infinitevl_kernels`` (chunked prefill, batched recurrent decode, slot-indexed states); on
   CUDA the parent's flash-linear-attention kernels run.
-- The SWA layer is Qwen2 attention with a per-layer window (vLLM's Qwen2Attention has no
-  per-layer window argument).
+- The SWA layer is Qwen2 attention with a per-layer window whose KV is a fixed ring per sequence
+  (ring_attention.py), and M-RoPE computed from the positions rather than from a table sized by a
+  maximum position, so no sequence length is out of range.
 - Weight loading maps the released names (both layer kinds under ``self_attn.*``) by layer kind.
 """
 
@@ -20,13 +21,13 @@ from types import SimpleNamespace
 from unittest.mock import patch
 
 import torch
+from infinitevl_kernels.attention import apply_rope, mrope_cos_sin
 from infinitevl_kernels.gdn_batch import GDNBatch, GDNShape, gdn_forward_batch
 from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.forward_context import get_forward_context
-from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.fusion.mm_input_norm import build_mm_input_norm
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
@@ -39,7 +40,6 @@ from vllm.model_executor.layers.mamba.mamba_utils import (
     MambaStateShapeCalculator,
     is_conv_state_dim_first,
 )
-from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid
@@ -53,6 +53,7 @@ from vllm.platforms import current_platform
 from vllm.v1.attention.backends.gdn_attn import GDNAttentionMetadata
 
 from .config import InfiniteVLTextConfig, is_swa_layer
+from .ring_attention import RingSlidingWindowAttention
 
 
 def _gdn_layer_config(cfg: InfiniteVLTextConfig) -> SimpleNamespace:
@@ -131,7 +132,8 @@ class InfiniteVLGatedDeltaNet(OlmoHybridGatedDeltaNetAttention):
 
 
 class InfiniteVLSlidingAttention(nn.Module):
-    """Qwen2.5 attention (q/k/v bias, GQA, M-RoPE) restricted to the last `sliding_window` tokens."""
+    """Qwen2.5 attention (q/k/v bias, GQA, M-RoPE) over the last `attention_window` tokens, whose KV
+    is a fixed ring per sequence (see ring_attention.py)."""
 
     def __init__(self, cfg: InfiniteVLTextConfig, vllm_config: VllmConfig, prefix: str):
         super().__init__()
@@ -146,16 +148,16 @@ class InfiniteVLSlidingAttention(nn.Module):
                                           prefix=f"{prefix}.qkv_proj")
         self.o_proj = RowParallelLinear(cfg.num_attention_heads * self.head_dim, cfg.hidden_size, bias=False,
                                         quant_config=quant, prefix=f"{prefix}.o_proj")
-        self.rotary_emb = get_rope(self.head_dim, max_position=cfg.max_position_embeddings,
-                                   rope_parameters=cfg.rope_parameters)
-        self.attn = Attention(self.num_heads, self.head_dim, self.head_dim**-0.5, num_kv_heads=self.num_kv_heads,
-                              cache_config=vllm_config.cache_config, quant_config=quant,
-                              per_layer_sliding_window=cfg.attention_window, prefix=f"{prefix}.attn")
+        self.attn = RingSlidingWindowAttention(self.num_heads, self.head_dim, self.num_kv_heads, cfg.attention_window,
+                                               vllm_config.cache_config, quant, prefix=f"{prefix}.attn")
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], hidden_states: torch.Tensor) -> torch.Tensor:
         qkv, _ = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k = self.rotary_emb(positions, q, k)
+        n = q.shape[0]
+        cos, sin = rope
+        q = apply_rope(q.view(n, self.num_heads, self.head_dim), cos, sin).view(n, self.q_size)
+        k = apply_rope(k.view(n, self.num_kv_heads, self.head_dim), cos, sin).view(n, self.kv_size)
         out, _ = self.o_proj(self.attn(q, k, v))
         return out
 
@@ -174,14 +176,14 @@ class InfiniteVLDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
-    def forward(self, positions, hidden_states, residual):
+    def forward(self, rope, hidden_states, residual):
         if residual is None:
             residual = hidden_states
             hidden_states = self.input_layernorm(hidden_states)
         else:
             hidden_states, residual = self.input_layernorm(hidden_states, residual)
         if self.is_swa:
-            hidden_states = self.self_attn(positions, hidden_states)
+            hidden_states = self.self_attn(rope, hidden_states)
         else:
             out = torch.empty_like(hidden_states)
             self.self_attn(hidden_states, out)
@@ -206,14 +208,24 @@ class InfiniteVLTextModel(nn.Module):
         )
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
+    def rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """M-RoPE cos/sin computed from the positions themselves (in float64), not looked up in a table
+        sized by a maximum position: sequences have no length limit."""
+        cfg = self.config
+        positions = positions if positions.dim() == 2 else positions[None].expand(3, -1)
+        cos, sin = mrope_cos_sin(positions, cfg.head_dim, cfg.rope_parameters["rope_theta"],
+                                 cfg.rope_parameters["mrope_section"])
+        return cos.to(dtype), sin.to(dtype)
+
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
         hidden = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+        rope = self.rotary(positions, hidden.dtype)
         residual = None
         for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual)
+            hidden, residual = layer(rope, hidden, residual)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
