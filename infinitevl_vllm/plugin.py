@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 from .config import ARCHITECTURE, register_with_transformers
 
+STATE_BLOCK_SIZE_KEY = "infinitevl_state_block_size"
 MODEL_CLASS = "infinitevl_vllm.vllm_model:InfiniteVLQwen2_5_VLForConditionalGeneration"
 logger = logging.getLogger("vllm.infinitevl_vllm")  # under vLLM's configured logger
 
@@ -40,6 +39,7 @@ def _engine_config_rules():
             if cache.enable_prefix_caching:
                 logger.warning(PREFIX_CACHING_REFUSED)
                 cache.enable_prefix_caching = False
+            _fix_state_block_size(vllm_config)
             _default_cpu_state_budget(vllm_config)
 
     return InfiniteVLEngineConfig
@@ -62,6 +62,35 @@ def _no_length_limit_for_infinitevl() -> None:
     _patch_once(model_config, "_get_and_verify_max_len", wrap)
 
 
+def _report_state_pool() -> None:
+    """One log line when the engine has sized its state pool, and slot gauges in /metrics."""
+    from vllm.v1.engine.core import EngineCore
+    from vllm.v1.metrics.loggers import PrometheusStatLogger
+
+    from .state_manager import StatePool, record_slot_metrics
+
+    def wrap_init(initialize_kv_caches):
+        def initialize_and_log(self, vllm_config):
+            kv_cache_config = initialize_kv_caches(self, vllm_config)
+            pool = StatePool.from_kv_cache_config(kv_cache_config)
+            if pool is not None:
+                logger.info(pool.describe())
+            return kv_cache_config
+
+        return initialize_and_log
+
+    def wrap_record(record):
+        def record_with_slots(self, scheduler_stats, *args, **kwargs):
+            record(self, scheduler_stats, *args, **kwargs)
+            if scheduler_stats is not None and self.vllm_config.model_config.architecture == ARCHITECTURE:
+                record_slot_metrics(self.vllm_config, scheduler_stats.num_running_reqs)
+
+        return record_with_slots
+
+    _patch_once(EngineCore, "_initialize_kv_caches", wrap_init)
+    _patch_once(PrometheusStatLogger, "record", wrap_record)
+
+
 def _validate_local_checkpoint(model: str) -> None:
     """Runs in the user's process before any engine process starts, so a broken checkpoint fails
     with one line naming the file and the tensor, not deep inside a worker or a kernel."""
@@ -73,17 +102,42 @@ def _validate_local_checkpoint(model: str) -> None:
         validate_checkpoint(model)
 
 
+def _fix_state_block_size(vllm_config) -> None:
+    """vLLM picks the hybrid block size (the smallest aligned block whose attention page holds a
+    GDN state) in the worker, after the front end has its config; the slot pool's size in the
+    front end (metrics) needs it too. So choose it here, from the config, the same way, and keep
+    it: a block size the user set only sets the alignment."""
+    from vllm.model_executor.layers.mamba.mamba_utils import MambaStateDtypeCalculator
+    from vllm.platforms import current_platform
+    from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
+
+    from .state import state_block_size
+
+    cache, model = vllm_config.cache_config, vllm_config.model_config
+    alignment = cache.block_size if cache.user_specified_block_size else (128 if current_platform.is_cpu() else 16)
+    conv_dtype, ssm_dtype = MambaStateDtypeCalculator.gated_delta_net_state_dtype(
+        model.dtype, cache.mamba_cache_dtype, cache.mamba_ssm_cache_dtype)
+    cache.block_size = state_block_size(model.hf_config.text_config, alignment,
+                                        kv_cache_dtype_str_to_dtype(cache.cache_dtype, model), conv_dtype, ssm_dtype,
+                                        vllm_config.parallel_config.tensor_parallel_size)
+    cache.user_specified_block_size = True  # keeps the platform's default from replacing it
+    if vllm_config.additional_config is None:
+        vllm_config.additional_config = {}
+    vllm_config.additional_config[STATE_BLOCK_SIZE_KEY] = cache.block_size
+
+
 def _default_cpu_state_budget(vllm_config) -> None:
     """On CPU, vLLM by default reserves 92% of the machine (and refuses to start when page cache
     or other processes hold more than 8%). InfiniteVL's state per sequence is bounded, so unless the
     user set VLLM_CPU_KVCACHE_SPACE or kv_cache_memory_bytes, size the cache from the model:
-    max_num_seqs sequences' state, twice over, at least 1 GiB, at most a quarter of the machine."""
+    max_num_seqs sequence slots, at least 1 GiB, at most a quarter of the machine."""
     import os
 
     import psutil
     from vllm.platforms import current_platform
+    from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
 
-    from .state import sequence_state_bytes
+    from .state import allocated_sequence_bytes
 
     cache = vllm_config.cache_config
     if not current_platform.is_cpu() or cache.kv_cache_memory_bytes is not None:
@@ -92,9 +146,9 @@ def _default_cpu_state_budget(vllm_config) -> None:
         return
     model = vllm_config.model_config
     cfg = model.hf_config.text_config
-    per_seq = sequence_state_bytes(cfg, model.dtype, model.dtype, torch.float32,
-                                   kv_tokens=min(cfg.attention_window, model.max_model_len) + 256)
-    want = 2 * per_seq * vllm_config.scheduler_config.max_num_seqs
+    per_seq = allocated_sequence_bytes(cfg, cache.block_size, kv_cache_dtype_str_to_dtype(cache.cache_dtype, model),
+                                       vllm_config.parallel_config.tensor_parallel_size)
+    want = per_seq * vllm_config.scheduler_config.max_num_seqs + (64 << 20)
     budget = int(min(max(want, 1 << 30), psutil.virtual_memory().total // 4))
     cache.kv_cache_memory_bytes = budget
     logger.info("InfiniteVL: state cache budget %.2f GiB (%.1f MiB per sequence); set VLLM_CPU_KVCACHE_SPACE "
@@ -165,5 +219,6 @@ def register() -> None:
     from .state_manager import register_ring_kv_spec
 
     register_ring_kv_spec()
+    _report_state_pool()
     _refuse_remote_media_unless_allowed()
     _refuse_decompression_bombs()

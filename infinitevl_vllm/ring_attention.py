@@ -22,7 +22,8 @@ from vllm.v1.attention.backend import (
     CommonAttentionMetadata,
 )
 
-from .state_manager import RingKVSpec, ring_blocks
+from .state import ring_blocks
+from .state_manager import RingKVSpec
 
 
 @dataclass

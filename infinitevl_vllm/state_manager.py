@@ -18,15 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vllm.config import VllmConfig
-from vllm.utils.math_utils import cdiv
+from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
 from vllm.v1.core.kv_cache_utils import KVCacheBlock
 from vllm.v1.core.single_type_kv_cache_manager import CircularBufferManager
-from vllm.v1.kv_cache_interface import CircularBufferSpec
+from vllm.v1.kv_cache_interface import CircularBufferSpec, KVCacheConfig, UniformTypeKVCacheSpecs
 
-
-def ring_blocks(window: int, block_size: int) -> int:
-    """Blocks in one sequence's ring for one SWA layer."""
-    return cdiv(window, block_size) + 1
+from . import state
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,3 +66,71 @@ def register_ring_kv_spec() -> None:
 
     register_all_kvcache_specs(None)
     KVCacheSpecRegistry.register(RingKVSpec, RingKVManager, uniform_type_base_spec=RingKVSpec)
+
+
+@dataclass(frozen=True)
+class StatePool:
+    """The engine's state pool seen as sequence slots."""
+
+    num_blocks: int
+    blocks_per_sequence: int
+    bytes_per_sequence: int
+
+    @property
+    def slots(self) -> int:
+        return self.num_blocks // self.blocks_per_sequence
+
+    @classmethod
+    def from_kv_cache_config(cls, kv_cache_config: KVCacheConfig) -> StatePool | None:
+        """What the engine actually allocated (None for a model without rings)."""
+        blocks = nbytes = 0
+        has_ring = False
+        for group in kv_cache_config.kv_cache_groups:
+            spec = group.kv_cache_spec
+            if isinstance(spec, UniformTypeKVCacheSpecs):
+                spec = next(iter(spec.kv_cache_specs.values()))
+            has_ring |= isinstance(spec, RingKVSpec)
+            per_seq = spec.ring_blocks if isinstance(spec, RingKVSpec) else 1  # GDN: one state block
+            blocks += per_seq
+            nbytes += per_seq * spec.page_size_bytes * len(group.layer_names)
+        return cls(kv_cache_config.num_blocks, blocks, nbytes) if has_ring else None
+
+    @classmethod
+    def from_vllm_config(cls, vllm_config: VllmConfig) -> StatePool:
+        """The same from the config and the block count alone (where the allocation is not at hand)."""
+        from .plugin import STATE_BLOCK_SIZE_KEY
+
+        cfg = vllm_config.model_config.hf_config.text_config
+        cache = vllm_config.cache_config
+        block_size = vllm_config.additional_config[STATE_BLOCK_SIZE_KEY]
+        kv_dtype = kv_cache_dtype_str_to_dtype(cache.cache_dtype, vllm_config.model_config)
+        tp = vllm_config.parallel_config.tensor_parallel_size
+        return cls(cache.num_gpu_blocks or 0, state.blocks_per_sequence(cfg, block_size),
+                   state.allocated_sequence_bytes(cfg, block_size, kv_dtype, tp))
+
+    def describe(self) -> str:
+        return (f"InfiniteVL state pool: {self.slots} sequence slots of {self.bytes_per_sequence / 2**20:.2f} MiB "
+                f"each ({self.blocks_per_sequence} of {self.num_blocks} blocks per sequence, whatever its length); "
+                "--max-num-seqs caps running sequences, the state cache size sets the slots")
+
+
+_gauges: dict[str, object] = {}
+
+
+def record_slot_metrics(vllm_config: VllmConfig, num_running: int) -> None:
+    """Prometheus gauges of the slot pool, next to vLLM's own (``infinitevl:state_*``)."""
+    if not _gauges:
+        from prometheus_client import Gauge
+
+        for name, doc in [("slots_total", "Sequence slots in the state pool."),
+                          ("slots_used", "Sequence slots held by running sequences."),
+                          ("slots_free", "Sequence slots free for new sequences."),
+                          ("bytes_per_sequence", "State bytes one sequence holds, whatever its length.")]:
+            _gauges[name] = Gauge(f"infinitevl:state_{name}", doc, labelnames=["model_name"],
+                                  multiprocess_mode="mostrecent")
+    pool = StatePool.from_vllm_config(vllm_config)
+    model = vllm_config.model_config.served_model_name
+    for name, value in [("slots_total", pool.slots), ("slots_used", num_running),
+                        ("slots_free", max(0, pool.slots - num_running)),
+                        ("bytes_per_sequence", pool.bytes_per_sequence)]:
+        _gauges[name].labels(model_name=model).set(value)
