@@ -95,7 +95,11 @@ def _gdn_decode_kernel(
 
 
 def conv_decode_slots(
-    x: torch.Tensor, weight: torch.Tensor, conv_state: torch.Tensor, slots: torch.Tensor, out: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    conv_state: torch.Tensor,
+    slots: torch.Tensor,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Short conv + SiLU for one token per sequence; shifts ``conv_state[slots]`` in place.
 
@@ -285,11 +289,12 @@ def gdn_prefill_varlen(
     if use_fla and chunk is None:
         raise RuntimeError("fla's chunk_gated_delta_rule is not available here")
     if chunk is not None:
-        init = ssm_state[slots.long()] * has_initial_state.to(ssm_state.dtype)[:, None, None, None]
+        init = torch.where(has_initial_state[:, None, None, None], ssm_state[slots.long()].float(), 0.0)
+        # one sequence: no cu_seqlens, so fla needs no host sync and the call can sit in a CUDA graph
         o, final = chunk(
-            q.contiguous()[None], k.contiguous()[None], v.contiguous()[None], g[None], beta[None].to(q.dtype), scale=Dk**-0.5,
-            initial_state=init.float(), output_final_state=True, use_qk_l2norm_in_kernel=True,
-            state_v_first=True, cu_seqlens=cu_seqlens.long(),
+            q.contiguous()[None], k.contiguous()[None], v.contiguous()[None], g[None], beta[None].to(q.dtype),
+            scale=Dk**-0.5, initial_state=init, output_final_state=True, use_qk_l2norm_in_kernel=True,
+            state_v_first=True, cu_seqlens=cu_seqlens.long() if cu_seqlens.numel() > 2 else None,
         )
         ssm_state.index_copy_(0, slots.long(), final.to(ssm_state.dtype))
         return o[0]
