@@ -315,7 +315,7 @@ def gdn_prefill_varlen_ref(
 ) -> torch.Tensor:
     """Plain torch, one sequence at a time in float64 (the truth for ``gdn_prefill_varlen``)."""
     H, Dk, Dv = shape.num_heads, shape.head_k_dim, shape.head_v_dim
-    out = torch.empty(mixed_qkv.shape[0], H, Dv, dtype=torch.float64)
+    out = torch.empty(mixed_qkv.shape[0], H, Dv, dtype=torch.float64, device=mixed_qkv.device)
     for n, slot in enumerate(slots):
         s, e = cu_seqlens[n], cu_seqlens[n + 1]
         init = has_initial_state[n]

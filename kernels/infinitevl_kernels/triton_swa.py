@@ -22,7 +22,7 @@ import triton.language as tl
 
 from .attention import sliding_window_attention
 
-NEG = -1.0e30
+NEG = tl.constexpr(-1.0e30)
 
 
 @triton.jit
@@ -293,7 +293,7 @@ def swa_ring_prefill(
 def _ring_past(k_ring, v_ring, slot: int, p: int, window: int):
     """Positions and K/V of the previous min(W-1, p) tokens of a sequence, read from its ring."""
     cap = k_ring.shape[1]
-    past = torch.arange(max(0, p - window + 1), p)
+    past = torch.arange(max(0, p - window + 1), p, device=k_ring.device)
     rows = past % cap
     return past, k_ring[slot, rows], v_ring[slot, rows]
 
@@ -308,8 +308,9 @@ def swa_ring_decode_ref(
         past, kp, vp = _ring_past(k_ring, v_ring, slot, p, window)
         kk = torch.cat([kp, k_new[i : i + 1]]).double()
         vv = torch.cat([vp, v_new[i : i + 1]]).double()
-        pos = torch.cat([past, torch.tensor([p])])
-        outs.append(sliding_window_attention(q[i : i + 1].double(), kk, vv, torch.tensor([p]), pos, window))
+        here = torch.tensor([p], device=q.device)
+        pos = torch.cat([past, here])
+        outs.append(sliding_window_attention(q[i : i + 1].double(), kk, vv, here, pos, window))
     for i, (p, slot) in enumerate(zip(positions, slots)):
         k_ring[slot, p % k_ring.shape[1]] = k_new[i]
         v_ring[slot, p % k_ring.shape[1]] = v_new[i]
@@ -322,11 +323,11 @@ def swa_ring_prefill_ref(
 ) -> torch.Tensor:
     """Truth for ``swa_ring_prefill`` (float64 math, rings updated in place)."""
     cap = k_ring.shape[1]
-    out = torch.empty(q.shape, dtype=torch.float64)
+    out = torch.empty(q.shape, dtype=torch.float64, device=q.device)
     for n, slot in enumerate(slots):
         s, e, p0 = cu_seqlens[n], cu_seqlens[n + 1], start_pos[n]
         past, kp, vp = _ring_past(k_ring, v_ring, slot, p0, window)
-        qpos = torch.arange(p0, p0 + e - s)
+        qpos = torch.arange(p0, p0 + e - s, device=q.device)
         out[s:e] = sliding_window_attention(
             q[s:e].double(), torch.cat([kp, k[s:e]]).double(), torch.cat([vp, v[s:e]]).double(),
             qpos, torch.cat([past, qpos]), window,
