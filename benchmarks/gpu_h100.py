@@ -713,6 +713,114 @@ def section_streaming(frames: int, base_points: list[int]):
     RESULTS["streaming"] = res
 
 
+def kernel_table(prof, limit: int = 25) -> list[dict]:
+    """CUDA kernels of a torch.profiler run, summed by name, longest first."""
+    agg: dict[str, list] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            a = agg.setdefault(e.name, [0.0, 0])
+            a[0] += e.device_time
+            a[1] += 1
+    rows = sorted(agg.items(), key=lambda kv: -kv[1][0])
+    return [dict(kernel=k[:90], us=v[0], calls=v[1]) for k, v in rows[:limit]]
+
+
+def kernel_groups(rows: list[dict]) -> dict[str, float]:
+    g: dict[str, float] = {}
+    for r in rows:
+        n = r["kernel"].lower()
+        key = next((k for k, pats in (
+            ("gemm/gemv (cuBLAS)", ("gemm", "gemv", "cutlass", "sm90", "nvjet", "splitk")),
+            ("gdn recurrent/conv (ours)", ("_gdn_decode", "_conv_decode", "_conv_varlen")),
+            ("swa ring (ours)", ("_swa_", "_ring_write")),
+            ("fla chunked gdn", ("chunk", "fla", "recompute", "solve", "kkt", "cumsum")),
+            ("norms/rope/silu (ours)", ("_rmsnorm", "_silu_mul", "_gated_rmsnorm", "_rope")),
+            ("attention (sdpa)", ("flash", "fmha", "attention", "cudnn")),
+        ) if any(p in n for p in pats)), "other")
+        g[key] = g.get(key, 0.0) + r["us"]
+    return g
+
+
+def section_profile():
+    """Where the time goes: our batch-1 decode step and one streaming frame, kernel by kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    res = {}
+    m, dims = our_model(num_slots=2)
+    ids = torch.zeros(1, dtype=torch.long, device=DEV)
+    pos = torch.full((3, 1), 65536, device=DEV)
+    tpos = torch.full((1,), 65536, device=DEV)
+    slots = torch.zeros(1, dtype=torch.long, device=DEV)
+    for _ in range(3):
+        m.decode(ids, pos, tpos, slots)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            m.decode(ids, pos, tpos, slots)
+        torch.cuda.synchronize()
+    rows = kernel_table(prof, limit=200)
+    for r in rows:
+        r["us"] /= 5
+        r["calls"] //= 5
+    res["decode_bs1_kernels_per_step"] = rows[:25]
+    res["decode_bs1_kernel_sum_ms"] = sum(r["us"] for r in rows) / 1e3
+    res["decode_bs1_groups_ms"] = {k: v / 1e3 for k, v in kernel_groups(rows).items()}
+    res["decode_bs1_kernel_count"] = sum(r["calls"] for r in rows)
+    # every GEMV of a decode step alone, against its own byte floor
+    bw = RESULTS["env"]["copy_bw_gbs"] * 1e9
+    x = torch.randn(1, dims.hidden, device=DEV, dtype=BF)
+    gem = []
+    for name in ("inp", "o", "gate_up", "down"):
+        w = m.layers[1][name]
+        xi = torch.randn(1, w.shape[1], device=DEV, dtype=BF)
+        t = time_ms(lambda w=w, xi=xi: xi @ w.t(), iters=50)
+        gem.append(dict(weight=name, shape=list(w.shape), ms=t, floor_ms=w.numel() * 2 / bw * 1e3))
+    t = time_ms(lambda: x @ m.embed.t(), iters=20)
+    gem.append(dict(weight="lm_head", shape=list(m.embed.shape), ms=t, floor_ms=m.embed.numel() * 2 / bw * 1e3))
+    res["gemv_bs1"] = gem
+    m = None
+    free_mem()
+    RESULTS["profile"] = res
+    log("profile", json.dumps(res, indent=1))
+
+
+def section_stream_profile():
+    """One streaming frame: vision tower and decoder prefill timed apart, and the frame's kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from infinitevl_vllm.reference.vision import VisionTower
+
+    cfg = load_4b()
+    with torch.device(DEV):
+        tower = VisionTower(cfg.vision_config).to(BF).eval()
+    fv = FastVision(tower)
+    pix = torch.randn(1024, 3 * 2 * 14 * 14, device=DEV, dtype=BF)
+    m, dims = our_model(num_slots=2)
+    slot = torch.tensor([0], device=DEV)
+    cu = torch.tensor([0, 256], device=DEV)
+    start = torch.full((1,), 100000, dtype=torch.long, device=DEV)
+    positions = torch.zeros(3, 256, dtype=torch.long, device=DEV)
+    emb = torch.no_grad()(fv)(pix)
+    res = {}
+    with torch.no_grad():
+        res["vision_ms"] = time_ms(lambda: fv(pix), iters=10)
+        res["decoder_prefill_256_ms"] = time_ms(lambda: m.prefill(emb, positions, cu, start, slot, 256), iters=10)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                m.prefill(fv(pix), positions, cu, start, slot, 256)
+            torch.cuda.synchronize()
+    rows = kernel_table(prof, limit=300)
+    for r in rows:
+        r["us"] /= 3
+        r["calls"] //= 3
+    res["frame_kernels"] = rows[:25]
+    res["frame_groups_ms"] = {k: v / 1e3 for k, v in kernel_groups(rows).items()}
+    m = None
+    free_mem()
+    RESULTS["stream_profile"] = res
+    log("stream profile", json.dumps(res, indent=1))
+
+
 def summarize():
     s = {}
     d = RESULTS.get("decode_bs1", {})
@@ -843,7 +951,8 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = False
     fns = dict(checks=section_checks, decode=lambda: section_decode(bw), throughput=lambda: section_throughput(bw),
                prefill=section_prefill,
-               streaming=lambda: section_streaming(args.frames, [int(x) for x in args.base_frames.split(",")]))
+               streaming=lambda: section_streaming(args.frames, [int(x) for x in args.base_frames.split(",")]),
+               profile=section_profile, stream_profile=section_stream_profile)
     path = os.path.join(args.out, "gpu_h100.json")
     for name in args.sections.split(","):
         t0 = time.perf_counter()

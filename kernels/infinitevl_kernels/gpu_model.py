@@ -262,7 +262,8 @@ class DecodeGraphs:
             ids = torch.zeros(bs, dtype=torch.long, device=dev)
             pos = torch.zeros(3, bs, dtype=torch.long, device=dev)
             tpos = torch.zeros(bs, dtype=torch.long, device=dev)
-            slots = torch.arange(bs, dtype=torch.long, device=dev) % model.num_slots
+            # warm-up and capture run on the padding slot only: real sequences' states stay untouched
+            slots = torch.full((bs,), model.num_slots - 1, dtype=torch.long, device=dev)
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):
