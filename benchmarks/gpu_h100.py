@@ -584,6 +584,19 @@ class FastVision:
         self.pe_w = tower.patch_embed.proj.weight.reshape(cfg.hidden_size, -1)
         self.heads = cfg.num_heads
         self.full = set(cfg.fullatt_block_indexes)
+        # The MLP width 3420 is not a multiple of 8, which sends cuBLAS to a slow unaligned kernel;
+        # zero-padded rows/columns to 3456 compute exactly the same function.
+        self.mlp = []
+        for blk in tower.blocks:
+            mm = blk.mlp
+            n = mm.gate_proj.weight.shape[0]
+            pad = (-n) % 64
+
+            def rows(w, pad=pad):
+                return F.pad(w, (0, 0, 0, pad)) if w.dim() == 2 else F.pad(w, (0, pad))
+
+            self.mlp.append((rows(mm.gate_proj.weight), rows(mm.gate_proj.bias), rows(mm.up_proj.weight),
+                             rows(mm.up_proj.bias), F.pad(mm.down_proj.weight, (0, pad)), mm.down_proj.bias))
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         from infinitevl_kernels.attention import rotate_half
@@ -592,7 +605,7 @@ class FastVision:
         N, Dm = x.shape
         hd = Dm // self.heads
         for i, blk in enumerate(self.t.blocks):
-            h = blk.norm1(x)
+            h = rmsnorm(x, blk.norm1.weight, blk.norm1.eps)
             q, k, v = blk.attn.qkv(h).view(N, 3, self.heads, hd).unbind(1)
             q = (q * self.cos + rotate_half(q) * self.sin).to(x.dtype)
             k = (k * self.cos + rotate_half(k) * self.sin).to(x.dtype)
@@ -603,7 +616,9 @@ class FastVision:
 
             o = F.scaled_dot_product_attention(heads_first(q), heads_first(k), heads_first(v))
             x = x + blk.attn.proj(o.transpose(1, 2).reshape(N, Dm))
-            x = x + blk.mlp(blk.norm2(x))
+            gw, gb, uw, ub, dw, db = self.mlp[i]
+            h = rmsnorm(x, blk.norm2.weight, blk.norm2.eps)
+            x = x + F.linear(F.silu(F.linear(h, gw, gb)) * F.linear(h, uw, ub), dw, db)
         return self.t.merger(x)[self.unperm]
 
 

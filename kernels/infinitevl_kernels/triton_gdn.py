@@ -230,7 +230,7 @@ def conv_varlen_slots(
         raise ValueError("conv kernel size must be at least 2")
     y = torch.empty(T, C, dtype=x.dtype, device=x.device)
     N = cu_seqlens.numel() - 1
-    BC = 128
+    BC = 32  # 256 programs over 8192 channels even for one sequence
     BT = max(16, min(64, triton.next_power_of_2(max(max_len, 1))))
     _conv_varlen_kernel[(N, triton.cdiv(C, BC))](
         x, weight.contiguous(), conv_state, slots, has_initial_state, cu_seqlens, y,

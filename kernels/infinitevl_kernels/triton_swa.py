@@ -273,7 +273,8 @@ def swa_ring_prefill(
     scale = D**-0.5 if scale is None else scale
     o = torch.empty_like(q) if out is None else out
     rs = k_ring.stride()
-    BM, BN = (64, 64) if q.is_cuda else (16, 16)
+    # short chunks (a streaming frame) need small query blocks to give the GPU enough programs
+    BM, BN = ((64 if max_len > 2048 else 16), 64) if q.is_cuda else (16, 16)
     _swa_prefill_kernel[(triton.cdiv(max_len, BM), Hq, N)](
         q, k, v, k_ring, v_ring, cu_seqlens, start_pos, slots, o,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), rs[0], rs[1], rs[2], o.stride(0), o.stride(1),
