@@ -470,6 +470,7 @@ def section_throughput(bw: float):
             free_mem()
             bmax = int(bmax * 0.9)
     _, ids, pos, tpos, slots, _ = graphs.graphs[bmax]
+    slots.copy_(torch.arange(bmax, device=DEV))  # one distinct slot per sequence
     wbytes = m.weight_bytes()
     res["ours"] = {"batch": bmax, "state_bytes_per_seq": per_slot}
     for ctx in (32768, 131072):
