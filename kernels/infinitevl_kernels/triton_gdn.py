@@ -1,0 +1,354 @@
+"""Gated DeltaNet on a slot pool in Triton: decode in place, and varlen prefill from each slot's state.
+
+State layout is vLLM's (the one ``gdn_batch`` documents): conv ``[slots, C, K-1]`` (channels q|k|v),
+recurrent ``[slots, H, Dv, Dk]`` (value-major).  Decode reads and writes both pools by slot index
+inside the kernels, so a decode step moves each state exactly once (no gather/scatter copies).
+
+Decode is two launches: the short convolution (each channel owned by one program, so its conv
+state can be shifted in place without a race), then the recurrence (one program per
+(sequence, head, block of value rows)).  Prefill runs the convolution over a packed varlen batch
+in one launch (initial conv state read by slot, final one written back in place) and hands the
+recurrence to fla's chunked kernel on CUDA (initial states read by slot; the final states are
+written back by slot), or to the torch chunked reference elsewhere.
+
+Every function here has its torch reference in ``gdn_batch`` / ``gdn`` (see ``*_ref`` below) and
+``tests/test_triton_kernels.py`` compares them under ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .gdn import causal_conv1d, gdn_chunked, gdn_gates, l2norm
+from .gdn_batch import GDNShape
+
+
+def triton_enabled(t: torch.Tensor) -> bool:
+    """Triton runs on CUDA tensors, or anywhere under ``TRITON_INTERPRET=1`` (how CI tests it)."""
+    return t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _softplus(x):
+    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+
+
+@triton.jit
+def _conv_decode_kernel(
+    x_ptr, w_ptr, state_ptr, slot_ptr, y_ptr,
+    C, stride_xb, stride_sb, stride_sc, stride_sk, stride_yb,
+    K: tl.constexpr, BC: tl.constexpr,
+):
+    b = tl.program_id(0)
+    offs = tl.program_id(1) * BC + tl.arange(0, BC)
+    m = offs < C
+    slot = tl.load(slot_ptr + b).to(tl.int64)
+    x = tl.load(x_ptr + b * stride_xb + offs, mask=m, other=0.0).to(tl.float32)
+    base = state_ptr + slot * stride_sb + offs * stride_sc
+    acc = x * tl.load(w_ptr + offs * K + (K - 1), mask=m, other=0.0).to(tl.float32)
+    for j in tl.static_range(K - 1):
+        h = tl.load(base + j * stride_sk, mask=m, other=0.0).to(tl.float32)
+        acc += h * tl.load(w_ptr + offs * K + j, mask=m, other=0.0).to(tl.float32)
+    # shift the history left by one and append x (each channel belongs to this program alone)
+    for j in tl.static_range(K - 2):
+        h = tl.load(base + (j + 1) * stride_sk, mask=m, other=0.0)
+        tl.store(base + j * stride_sk, h, mask=m)
+    tl.store(base + (K - 2) * stride_sk, x.to(state_ptr.dtype.element_ty), mask=m)
+    y = acc / (1.0 + tl.exp(-acc))
+    tl.store(y_ptr + b * stride_yb + offs, y.to(y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _gdn_decode_kernel(
+    y_ptr, a_ptr, b_ptr, alog_ptr, dtb_ptr, ssm_ptr, slot_ptr, o_ptr,
+    stride_yb, stride_ab, stride_bb, stride_sb, stride_sh, stride_sv, stride_ob, stride_oh,
+    key_dim, scale, eps,
+    DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
+):
+    bi = tl.program_id(0)
+    h = tl.program_id(1)
+    rv = tl.program_id(2) * BV + tl.arange(0, BV)
+    rk = tl.arange(0, DK)
+    slot = tl.load(slot_ptr + bi).to(tl.int64)
+    yrow = y_ptr + bi * stride_yb
+    q = tl.load(yrow + h * DK + rk).to(tl.float32)
+    k = tl.load(yrow + key_dim + h * DK + rk).to(tl.float32)
+    v = tl.load(yrow + 2 * key_dim + h * DV + rv).to(tl.float32)
+    q = q / tl.sqrt(tl.sum(q * q, 0) + eps)
+    k = k / tl.sqrt(tl.sum(k * k, 0) + eps)
+    a = tl.load(a_ptr + bi * stride_ab + h).to(tl.float32)
+    bb = tl.load(b_ptr + bi * stride_bb + h).to(tl.float32)
+    g = -tl.exp(tl.load(alog_ptr + h).to(tl.float32)) * _softplus(a + tl.load(dtb_ptr + h).to(tl.float32))
+    beta = 1.0 / (1.0 + tl.exp(-bb))
+    sp = ssm_ptr + slot * stride_sb + h * stride_sh + rv[:, None] * stride_sv + rk[None, :]
+    S = tl.load(sp).to(tl.float32) * tl.exp(g)  # [BV, DK]
+    pred = tl.sum(S * k[None, :], 1)
+    S += (beta * (v - pred))[:, None] * k[None, :]
+    o = tl.sum(S * q[None, :], 1) * scale
+    tl.store(sp, S.to(ssm_ptr.dtype.element_ty))
+    tl.store(o_ptr + bi * stride_ob + h * stride_oh + rv, o.to(o_ptr.dtype.element_ty))
+
+
+def conv_decode_slots(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    conv_state: torch.Tensor,
+    slots: torch.Tensor,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Short conv + SiLU for one token per sequence; shifts ``conv_state[slots]`` in place.
+
+    x: [B, C] (row stride free, unit channel stride); weight: [C, K] contiguous;
+    conv_state: [slots, C, K-1] (any strides); slots: [B] int. Returns y [B, C] in x's dtype.
+    """
+    B, C = x.shape
+    K = weight.shape[-1]
+    if K < 2:
+        raise ValueError("conv kernel size must be at least 2")
+    if x.stride(-1) != 1:
+        raise ValueError("x needs unit stride over channels")
+    y = torch.empty(B, C, dtype=x.dtype, device=x.device) if out is None else out
+    BC = 256
+    _conv_decode_kernel[(B, triton.cdiv(C, BC))](
+        x, weight.contiguous(), conv_state, slots, y,
+        C, x.stride(0), conv_state.stride(0), conv_state.stride(1), conv_state.stride(2), y.stride(0),
+        K=K, BC=BC,
+    )
+    return y
+
+
+def gdn_decode_slots(
+    mixed_qkv: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    conv_weight: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    conv_state: torch.Tensor,
+    ssm_state: torch.Tensor,
+    slots: torch.Tensor,
+    shape: GDNShape,
+    out: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """One GDN token for each of B sequences, states updated in place by slot (Triton).
+
+    Same contract as ``gdn_batch.gdn_decode_batch`` (its reference): mixed_qkv [B, C] before the
+    conv; a, b [B, H]; ssm_state [slots, H, Dv, Dk] with unit stride over Dk. Returns o [B, H, Dv].
+    """
+    B = mixed_qkv.shape[0]
+    H, Dk, Dv = shape.num_heads, shape.head_k_dim, shape.head_v_dim
+    if ssm_state.stride(-1) != 1:
+        raise ValueError("ssm_state needs unit stride over Dk")
+    y = conv_decode_slots(mixed_qkv, conv_weight, conv_state, slots)
+    o = torch.empty(B, H, Dv, dtype=mixed_qkv.dtype, device=mixed_qkv.device) if out is None else out
+    BV = min(32, Dv)
+    _gdn_decode_kernel[(B, H, triton.cdiv(Dv, BV))](
+        y, a, b, A_log, dt_bias, ssm_state, slots, o,
+        y.stride(0), a.stride(0), b.stride(0), ssm_state.stride(0), ssm_state.stride(1), ssm_state.stride(2),
+        o.stride(0), o.stride(1),
+        shape.key_dim, Dk**-0.5, eps,
+        DK=Dk, DV=Dv, BV=BV, num_warps=4,
+    )
+    return o
+
+
+# -- varlen prefill -------------------------------------------------------------------------------
+
+
+@triton.jit
+def _conv_varlen_kernel(
+    x_ptr, w_ptr, state_ptr, slot_ptr, init_ptr, cu_ptr, y_ptr,
+    C, stride_xt, stride_sb, stride_sc, stride_sk, stride_yt,
+    K: tl.constexpr, KH: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+):
+    n = tl.program_id(0)
+    offs_c = tl.program_id(1) * BC + tl.arange(0, BC)
+    mc = offs_c < C
+    s0 = tl.load(cu_ptr + n)
+    L = tl.load(cu_ptr + n + 1) - s0
+    slot = tl.load(slot_ptr + n).to(tl.int64)
+    has_init = tl.load(init_ptr + n) != 0
+    sbase = state_ptr + slot * stride_sb + offs_c * stride_sc
+    # Walk the sequence in blocks of BT tokens; tap j of output t reads input t - (K-1) + j,
+    # which is the conv state for negative indices.
+    for t0 in range(0, L, BT):
+        rt = t0 + tl.arange(0, BT)
+        mt = rt < L
+        acc = tl.zeros([BT, BC], dtype=tl.float32)
+        for j in tl.static_range(K):
+            src = rt - (K - 1) + j
+            from_x = (src >= 0) & mt
+            xv = tl.load(x_ptr + (s0 + src)[:, None] * stride_xt + offs_c[None, :],
+                         mask=from_x[:, None] & mc[None, :], other=0.0).to(tl.float32)
+            hist_idx = src + (K - 1)  # position inside the K-1 history when src < 0
+            from_s = (src < 0) & mt & has_init
+            sv = tl.load(sbase[None, :] + hist_idx[:, None] * stride_sk,
+                         mask=from_s[:, None] & mc[None, :], other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + offs_c * K + j, mask=mc, other=0.0).to(tl.float32)
+            acc += (xv + sv) * w[None, :]
+        y = acc / (1.0 + tl.exp(-acc))
+        tl.store(y_ptr + (s0 + rt)[:, None] * stride_yt + offs_c[None, :], y.to(y_ptr.dtype.element_ty),
+                 mask=mt[:, None] & mc[None, :])
+    # New history: the last K-1 inputs, reaching into the old history for short sequences.
+    # Read everything first, then write (the old history feeds the new one).
+    rh = tl.arange(0, KH)
+    mh = rh < K - 1
+    src = L - (K - 1) + rh
+    xv = tl.load(x_ptr + (s0 + src)[:, None] * stride_xt + offs_c[None, :],
+                 mask=((src >= 0) & mh)[:, None] & mc[None, :], other=0.0)
+    sv = tl.load(sbase[None, :] + (src + (K - 1))[:, None] * stride_sk,
+                 mask=((src < 0) & mh & has_init)[:, None] & mc[None, :], other=0.0)
+    new = tl.where((src >= 0)[:, None], xv.to(tl.float32), sv.to(tl.float32))
+    tl.debug_barrier()
+    tl.store(sbase[None, :] + rh[:, None] * stride_sk, new.to(state_ptr.dtype.element_ty),
+             mask=mh[:, None] & mc[None, :])
+
+
+def conv_varlen_slots(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    conv_state: torch.Tensor,
+    slots: torch.Tensor,
+    has_initial_state: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_len: int,
+) -> torch.Tensor:
+    """Short conv + SiLU over a packed varlen batch x [T, C]; conv_state[slots] advanced in place.
+
+    Sequences without an initial state start from zeros. Returns y [T, C].
+    """
+    T, C = x.shape
+    K = weight.shape[-1]
+    if K < 2:
+        raise ValueError("conv kernel size must be at least 2")
+    y = torch.empty(T, C, dtype=x.dtype, device=x.device)
+    N = cu_seqlens.numel() - 1
+    BC = 32  # 256 programs over 8192 channels even for one sequence
+    BT = max(16, min(64, triton.next_power_of_2(max(max_len, 1))))
+    _conv_varlen_kernel[(N, triton.cdiv(C, BC))](
+        x, weight.contiguous(), conv_state, slots, has_initial_state, cu_seqlens, y,
+        C, x.stride(0), conv_state.stride(0), conv_state.stride(1), conv_state.stride(2), y.stride(0),
+        K=K, KH=triton.next_power_of_2(K - 1), BT=BT, BC=BC,
+    )
+    return y
+
+
+def _fla_chunk():
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    except ImportError:
+        return None
+    return chunk_gated_delta_rule
+
+
+def gdn_prefill_varlen(
+    mixed_qkv: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    conv_weight: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    conv_state: torch.Tensor,
+    ssm_state: torch.Tensor,
+    slots: torch.Tensor,
+    has_initial_state: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_len: int,
+    shape: GDNShape,
+    use_fla: bool | None = None,
+) -> torch.Tensor:
+    """GDN over a packed varlen batch, each sequence from (and back into) its own slot's state.
+
+    mixed_qkv [T, C] before the conv; a, b [T, H]; slots, has_initial_state [N]; cu_seqlens [N+1]
+    (int32/int64 on the device). Returns o [T, H, Dv]. The recurrence runs in fla's chunked kernel
+    on CUDA when fla is installed (``use_fla``), else in the torch chunked reference per sequence.
+    """
+    H, Dk, Dv = shape.num_heads, shape.head_k_dim, shape.head_v_dim
+    T = mixed_qkv.shape[0]
+    if triton_enabled(mixed_qkv):
+        y = conv_varlen_slots(mixed_qkv, conv_weight, conv_state, slots, has_initial_state, cu_seqlens, max_len)
+    else:
+        y = torch.empty_like(mixed_qkv)
+        for n, (s, e) in enumerate(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())):
+            slot = int(slots[n])
+            init = conv_state[slot].float() if bool(has_initial_state[n]) else None
+            y[s:e], new = causal_conv1d(mixed_qkv[s:e].float(), conv_weight.float(), init)
+            conv_state[slot] = new.to(conv_state.dtype)
+    q, k, v = y.split([shape.key_dim, shape.key_dim, shape.value_dim], dim=-1)
+    q, k, v = q.view(T, H, Dk), k.view(T, H, Dk), v.view(T, H, Dv)
+    g, beta = gdn_gates(a, b, A_log, dt_bias)
+    chunk = _fla_chunk() if (use_fla is None or use_fla) and mixed_qkv.is_cuda else None
+    if use_fla and chunk is None:
+        raise RuntimeError("fla's chunk_gated_delta_rule is not available here")
+    if chunk is not None:
+        init = torch.where(has_initial_state[:, None, None, None], ssm_state[slots.long()].float(), 0.0)
+        # one sequence: no cu_seqlens, so fla needs no host sync and the call can sit in a CUDA graph
+        o, final = chunk(
+            q.contiguous()[None], k.contiguous()[None], v.contiguous()[None], g[None], beta[None].to(q.dtype),
+            scale=Dk**-0.5, initial_state=init, output_final_state=True, use_qk_l2norm_in_kernel=True,
+            state_v_first=True, cu_seqlens=cu_seqlens.long() if cu_seqlens.numel() > 2 else None,
+        )
+        ssm_state.index_copy_(0, slots.long(), final.to(ssm_state.dtype))
+        return o[0]
+    o = torch.empty(T, H, Dv, dtype=mixed_qkv.dtype, device=mixed_qkv.device)
+    for n, (s, e) in enumerate(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())):
+        slot = int(slots[n])
+        S0 = ssm_state[slot].float().transpose(-1, -2) if bool(has_initial_state[n]) else None
+        on, S = gdn_chunked(q[s:e].float(), k[s:e].float(), v[s:e].float(), g[s:e], beta[s:e], initial_state=S0)
+        ssm_state[slot] = S.transpose(-1, -2).to(ssm_state.dtype)
+        o[s:e] = on.to(o.dtype)
+    return o
+
+
+def gdn_prefill_varlen_ref(
+    mixed_qkv: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, conv_weight: torch.Tensor, A_log: torch.Tensor,
+    dt_bias: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, slots: list[int],
+    has_initial_state: list[bool], cu_seqlens: list[int], shape: GDNShape,
+) -> torch.Tensor:
+    """Plain torch, one sequence at a time in float64 (the truth for ``gdn_prefill_varlen``)."""
+    H, Dk, Dv = shape.num_heads, shape.head_k_dim, shape.head_v_dim
+    out = torch.empty(mixed_qkv.shape[0], H, Dv, dtype=torch.float64, device=mixed_qkv.device)
+    for n, slot in enumerate(slots):
+        s, e = cu_seqlens[n], cu_seqlens[n + 1]
+        init = has_initial_state[n]
+        y, new = causal_conv1d(mixed_qkv[s:e].double(), conv_weight.double(),
+                               conv_state[slot].double() if init else None)
+        conv_state[slot] = new.to(conv_state.dtype)
+        q, k, v = y.split([shape.key_dim, shape.key_dim, shape.value_dim], dim=-1)
+        g, beta = gdn_gates(a[s:e].double(), b[s:e].double(), A_log.double(), dt_bias.double())
+        S0 = ssm_state[slot].double().transpose(-1, -2) if init else None
+        o, S = gdn_chunked(q.reshape(-1, H, Dk), k.reshape(-1, H, Dk), v.reshape(-1, H, Dv), g, beta,
+                           initial_state=S0)
+        ssm_state[slot] = S.transpose(-1, -2).to(ssm_state.dtype)
+        out[s:e] = o
+    return out
+
+
+def gdn_decode_slots_ref(
+    mixed_qkv: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, conv_weight: torch.Tensor, A_log: torch.Tensor,
+    dt_bias: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, slots: torch.Tensor, shape: GDNShape,
+) -> torch.Tensor:
+    """float64 torch truth for ``gdn_decode_slots`` (gather, compute, scatter)."""
+    hist = conv_state[slots].double()
+    window = torch.cat([hist, mixed_qkv.double()[:, :, None]], dim=-1)
+    y = F.silu((window * conv_weight.double()).sum(-1))
+    conv_state[slots] = window[:, :, 1:].to(conv_state.dtype)
+    q, k, v = y.split([shape.key_dim, shape.key_dim, shape.value_dim], dim=-1)
+    B, H = a.shape
+    q, k = l2norm(q.reshape(B, H, -1)), l2norm(k.reshape(B, H, -1))
+    v = v.reshape(B, H, -1)
+    g, beta = gdn_gates(a.double(), b.double(), A_log.double(), dt_bias.double())
+    S = ssm_state[slots].double().transpose(-1, -2) * g.exp()[..., None, None]
+    pred = torch.einsum("bhkv,bhk->bhv", S, k)
+    S = S + torch.einsum("bhk,bhv->bhkv", k, beta[..., None] * (v - pred))
+    o = torch.einsum("bhkv,bhk->bhv", S, q) * shape.head_k_dim**-0.5
+    ssm_state[slots] = S.transpose(-1, -2).to(ssm_state.dtype)
+    return o
