@@ -14,7 +14,7 @@ import time
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from infinitevl_vllm import state
@@ -56,11 +56,20 @@ def _managers(llm):
     return _core(llm).scheduler.kv_cache_manager.coordinator.single_type_managers
 
 
+def _external(request_id: str) -> str:
+    return request_id.rsplit("-", 1)[0]  # the engine appends "-<random>" to the id a caller gives
+
+
+def _running(scheduler, req_id: str):
+    return next((r for r in scheduler.running if _external(r.request_id) == req_id), None)
+
+
 def _held_blocks(llm) -> dict[str, list[int]]:
+    """Block ids each request holds, by the id the caller gave it."""
     held: dict[str, list[int]] = {}
     for manager in _managers(llm):
         for req_id, blocks in manager.req_to_blocks.items():
-            held.setdefault(req_id, []).extend(b.block_id for b in blocks)
+            held.setdefault(_external(req_id), []).extend(b.block_id for b in blocks)
     return held
 
 
@@ -113,7 +122,7 @@ def test_random_schedules_leak_nothing_share_nothing_and_match_each_sequence_alo
 
     llm_engine, scheduler = engine.llm_engine, _core(engine).scheduler
     budget = scheduler.max_num_scheduled_tokens
-    prompts, outputs, aborted = {}, {}, set()
+    prompts, outputs, aborted, preempted = {}, {}, set(), set()
     pending = sorted(((r["arrival"], str(next(_ids)), r) for r in requests), key=lambda x: x[0])
     try:
         for step in itertools.count():
@@ -127,10 +136,11 @@ def test_random_schedules_leak_nothing_share_nothing_and_match_each_sequence_alo
                 if r["abort_at"] == step and req_id not in outputs:
                     llm_engine.abort_request([req_id])
                     aborted.add(req_id)
-                live = next((q for q in scheduler.running if q.request_id == req_id), None)
+                live = _running(scheduler, req_id)
                 if r["preempt_at"] == step and live is not None:  # what the scheduler does under pressure
                     scheduler.running.remove(live)
                     scheduler._preempt_request(live, time.monotonic())
+                    preempted.add(req_id)
             scheduler.max_num_scheduled_tokens = chunks[step % len(chunks)]
             for out in llm_engine.step():
                 if out.finished:
@@ -145,6 +155,35 @@ def test_random_schedules_leak_nothing_share_nothing_and_match_each_sequence_alo
         if req_id in aborted and req_id not in outputs:
             continue
         assert outputs[req_id] == _run_alone(engine, prompt, _alone)[: r["max_tokens"]], f"request {r}"
+    event(f"preempted {len(preempted)}, aborted {len(aborted)}")
+
+
+def test_preemption_and_abort_free_slot_and_ring_at_once(engine):
+    """A preempted sequence gives back all its blocks in that step and, recomputed, the same tokens;
+    an aborted one gives back all its blocks at once."""
+    from vllm import SamplingParams, TokensPrompt
+
+    llm_engine, scheduler = engine.llm_engine, _core(engine).scheduler
+    prompt = [3000 + (7 * j) % 4000 for j in range(60)]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    alone = _run_alone(engine, prompt, _alone)[:8]
+    llm_engine.add_request("victim", TokensPrompt(prompt_token_ids=prompt), params)
+    llm_engine.add_request("aborted", TokensPrompt(prompt_token_ids=prompt[:30]), params)
+    while len([r for r in scheduler.running if r.num_computed_tokens]) < 2:
+        llm_engine.step()
+    held = _held_blocks(engine)
+    assert len(held["victim"]) == len(held["aborted"]) > 1
+    victim = _running(scheduler, "victim")
+    scheduler.running.remove(victim)
+    scheduler._preempt_request(victim, time.monotonic())
+    llm_engine.abort_request(["aborted"])
+    assert not any(_held_blocks(engine).values()), "preempted or aborted blocks still held"
+    out = None
+    while llm_engine.has_unfinished_requests():
+        out = next((o for o in llm_engine.step() if o.finished), out)
+        _check_pool(engine)
+    assert victim.num_preemptions == 1
+    assert list(out.outputs[0].token_ids) == alone
 
 
 def test_admission_is_by_slot_count_whatever_the_lengths(engine):
