@@ -109,13 +109,20 @@ def _caption(argv: list[str]) -> int:
     return 0
 
 
+def _bench(argv: list[str]) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(argv)
+
+
 def _demo(argv: list[str]) -> int:
     from .demo import main as demo_main
 
     return demo_main(argv)
 
 
-COMMANDS = {"make-checkpoint": _make_checkpoint, "serve": _serve, "caption": _caption, "demo": _demo}
+COMMANDS = {"make-checkpoint": _make_checkpoint, "serve": _serve, "caption": _caption, "bench": _bench,
+            "demo": _demo}
 
 
 def main(argv: list[str] | None = None) -> int:
