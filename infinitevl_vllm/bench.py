@@ -10,8 +10,9 @@ Workloads (one engine per model runs all that are asked for):
   greedy decoding of ``--gen-tokens`` tokens: time to first token, inter-token latency (the gaps
   between successive tokens as the engine hands them out), peak memory.
 - ``throughput``: B such requests at once for each batch size B (and each ``--throughput-contexts``
-  length): output tokens/s, decode tokens/s once all B are decoding, and whether the batch *fits*:
-  all B ran at once, none preempted, within the KV budget.
+  length): output tokens/s (prefill included), decode tokens/s once all B are decoding, preemptions,
+  and the largest batch that fits: how many such sequences the KV budget holds at once, from the
+  engine's block accounting of the batch-1 run (1 / its peak KV-cache usage).
 - ``streaming``: a video stream as a chat client sends it: step k sends one user turn holding frames
   1..k (448x448 images) and a question and decodes ``--gen-tokens`` tokens; latency and memory per step
   as the stream grows. vLLM serves each step as a new request (prefix caching is off for every model,
@@ -405,7 +406,8 @@ class Worker:
         for c in self.spec.throughput_contexts:
             for b in self.spec.batches:
                 r = self._run([self._ids(c, 1 + i) for i in range(b)])
-                r["fits"] = r["max_running"] == b and r["preempted"] == 0
+                # False also when early requests finished before the last were admitted (long prefills)
+                r["all_concurrent"] = r["max_running"] == b
                 rows.append({"context": c, "batch": b, **r})
                 _emit({"event": "measured", "workload": "throughput", "context": c, "batch": b})
         return rows
@@ -541,6 +543,12 @@ def versions() -> dict:
     return out
 
 
+def largest_batch_that_fits(kv_usage_one_sequence: float) -> int:
+    """Sequences of this length the KV budget holds at once: the engine's own block accounting for one
+    sequence (peak KV-cache usage at batch 1, generated tokens included), scaled to the whole pool."""
+    return int(1.0 / kv_usage_one_sequence + 1e-9)
+
+
 def summarize(models: list[dict]) -> dict:
     """The numbers a reader compares, per model; every one is derived from the raw rows."""
     summary = {}
@@ -557,10 +565,10 @@ def summarize(models: list[dict]) -> dict:
         if tp:
             per = {}
             for r in tp:
-                d = per.setdefault(str(r["context"]), {"tokens_per_s": {}, "largest_batch_that_fits": 0})
+                d = per.setdefault(str(r["context"]), {"tokens_per_s": {}, "largest_batch_that_fits": None})
                 d["tokens_per_s"][str(r["batch"])] = round(r["output_tokens_per_s"], 1)
-                if r["fits"]:
-                    d["largest_batch_that_fits"] = max(d["largest_batch_that_fits"], r["batch"])
+                if r["batch"] == 1 and r["kv_cache_usage_peak"] > 0:
+                    d["largest_batch_that_fits"] = largest_batch_that_fits(r["kv_cache_usage_peak"])
             s["throughput"] = per
         st = m["raw"].get("streaming")
         if st:
@@ -591,7 +599,7 @@ def run_bench(spec: BenchSpec, out: Path, plot: Path | None = None, note: str = 
         require_matplotlib()
     out.parent.mkdir(parents=True, exist_ok=True)
     log_path = out.with_suffix(".log")
-    started = time.time()
+    started, load_before = time.time(), os.getloadavg()
     models = []
     with open(log_path, "w") as log, tempfile.TemporaryDirectory() as tmp, \
             tqdm(total=progress_steps(spec) * len(infos), desc="bench", unit="step", disable=quiet) as bar:
@@ -602,7 +610,8 @@ def run_bench(spec: BenchSpec, out: Path, plot: Path | None = None, note: str = 
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "wall_s": round(time.time() - started, 1),
         "note": note,
-        "machine": machine_info(),
+        "machine": {**machine_info(), "load_average_1m_before_after": [round(load_before[0], 2),
+                                                                       round(os.getloadavg()[0], 2)]},
         "versions": versions(),
         "settings": asdict(spec),
         "method": __doc__.split("Workloads")[1].strip(),
