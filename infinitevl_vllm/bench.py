@@ -558,9 +558,10 @@ def summarize(models: list[dict]) -> dict:
         if dvc:
             s["decode_vs_context"] = {
                 str(r["context"]): {"ttft_s": round(r["ttft_s"], 3), "itl_ms": round(r["itl_ms_mean"], 2),
+                                    "itl_ms_p50": round(r["itl_ms_p50"], 2),
                                     "kv_cache_used_mib": round(r["kv_cache_used_bytes"] / 2**20, 1),
                                     "peak_rss_gib": round(r["peak_rss_bytes"] / 2**30, 2)} for r in dvc}
-            s["itl_growth_longest_vs_shortest"] = round(dvc[-1]["itl_ms_mean"] / dvc[0]["itl_ms_mean"], 2)
+            s["itl_p50_growth_longest_vs_shortest"] = round(dvc[-1]["itl_ms_p50"] / dvc[0]["itl_ms_p50"], 2)
         tp = m["raw"].get("throughput")
         if tp:
             per = {}
@@ -574,7 +575,7 @@ def summarize(models: list[dict]) -> dict:
         if st:
             s["streaming"] = {
                 "frames": st[-1]["frames"], "prompt_tokens_last": st[-1]["prompt_tokens"],
-                "itl_ms_first_last": [round(st[0]["itl_ms_mean"], 2), round(st[-1]["itl_ms_mean"], 2)],
+                "itl_ms_p50_first_last": [round(st[0]["itl_ms_p50"], 2), round(st[-1]["itl_ms_p50"], 2)],
                 "ttft_s_first_last": [round(st[0]["ttft_s"], 3), round(st[-1]["ttft_s"], 3)],
                 "kv_cache_used_mib_first_last": [round(st[0]["kv_cache_used_bytes"] / 2**20, 1),
                                                  round(st[-1]["kv_cache_used_bytes"] / 2**20, 1)]}
