@@ -52,6 +52,19 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# Transformer twins for comparisons: vLLM's own Qwen2.5-VL with the same vision tower, tokenizer and
+# processor, and a decoder of the same width, depth and MLP as the InfiniteVL preset it names.
+TWIN_ARCHITECTURE = "Qwen2_5_VLForConditionalGeneration"
+TWIN_PRESETS: dict[str, dict] = {
+    # vLLM's Qwen2 attention takes head_dim = hidden / heads, so tiny's 64-wide heads mean 2 of them
+    # (2 KV heads of 64: the same KV bytes per token and layer as tiny's SWA layers).
+    "tiny": dict(base="tiny", text=dict(num_attention_heads=2)),
+    "small": dict(base="small", text={}),
+    "3b": dict(base="4b", text={}),  # Qwen2.5-VL-3B's released decoder and vision tower
+}
+ARCHES = ("infinitevl", "qwen2_5_vl")
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and the tensor."""
 
@@ -97,6 +110,29 @@ def preset_config(preset: str, sliding_window: int = 8192) -> dict:
         },
     }
     return cfg
+
+
+def twin_config(preset: str) -> dict:
+    """The flat config.json of a Qwen2.5-VL twin (the layout of Qwen2.5-VL-3B's released file)."""
+    if preset not in TWIN_PRESETS:
+        raise CheckpointError(f"unknown qwen2_5_vl preset {preset!r}; choose one of {', '.join(TWIN_PRESETS)}")
+    twin = TWIN_PRESETS[preset]
+    cfg = preset_config(twin["base"], sliding_window=32768)
+    for key in ("num_linear_heads", "num_linear_key_value_heads", "linear_head_dim", "head_dim"):
+        cfg.pop(key, None)
+    cfg.update(twin["text"], architectures=[TWIN_ARCHITECTURE], model_type="qwen2_5_vl", use_sliding_window=False,
+               max_window_layers=cfg["num_hidden_layers"])
+    return cfg
+
+
+def twin_shapes(flat: dict) -> dict[str, tuple[int, ...]]:
+    """Every stored tensor of a twin, named as transformers' own Qwen2.5-VL names it (released layout)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    fields = {k: v for k, v in flat.items() if k not in ("architectures", "model_type")}
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**fields))
+    return {canonical_name(n): tuple(t.shape) for n, t in model.state_dict().items() if n != "lm_head.weight"}
 
 
 def load_config(ckpt: str | os.PathLike) -> InfiniteVLConfig:
@@ -243,24 +279,28 @@ def make_checkpoint(
     sliding_window: int = 8192,
     dtype: str | None = None,
     progress: bool = False,
+    arch: str = "infinitevl",
 ) -> Path:
     """Write a complete checkpoint directory with seeded random weights; returns its path.
 
+    ``arch="qwen2_5_vl"`` writes the Transformer twin of a preset (TWIN_PRESETS) for comparisons.
     Tensors are made and written one shard at a time, so the 4b preset never holds the model twice.
     """
     from safetensors.torch import save_file
 
     from .tokenizer import save_processor, save_tokenizer
 
+    if arch not in ARCHES:
+        raise CheckpointError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHES)}")
     register_with_transformers()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    flat = preset_config(preset, sliding_window)
+    flat = preset_config(preset, sliding_window) if arch == "infinitevl" else twin_config(preset)
     if dtype:
         flat["torch_dtype"] = dtype
     torch_dtype = getattr(torch, flat["torch_dtype"])
     (out / "config.json").write_text(json.dumps(flat, indent=2) + "\n")
-    shapes = expected_shapes(load_config(out))
+    shapes = expected_shapes(load_config(out)) if arch == "infinitevl" else twin_shapes(flat)
 
     # Plan shards by size, then make each shard's tensors just before writing it.
     itemsize = torch.empty(0, dtype=torch_dtype).element_size()
@@ -301,6 +341,6 @@ def make_checkpoint(
                     "do_sample": False}, indent=2) + "\n"
     )
     save_tokenizer(out)
-    min_px, max_px = PRESETS[preset]["pixels"]
+    min_px, max_px = PRESETS[preset if arch == "infinitevl" else TWIN_PRESETS[preset]["base"]]["pixels"]
     save_processor(out, min_px, max_px)
     return out

