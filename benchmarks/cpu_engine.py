@@ -22,10 +22,11 @@ import psutil
 
 
 class TreeRSS:
-    """Peak resident memory of this process and all its children."""
+    """Peak resident memory of this process and all its children (and every sample, timed)."""
 
     def __init__(self, interval: float = 0.05):
         self.peak = 0
+        self.samples: list[tuple[float, int]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
 
@@ -41,7 +42,9 @@ class TreeRSS:
 
     def _run(self, interval):
         while not self._stop.is_set():
-            self.peak = max(self.peak, self.current())
+            rss = self.current()
+            self.samples.append((time.perf_counter(), rss))
+            self.peak = max(self.peak, rss)
             time.sleep(interval)
 
     def __enter__(self):
