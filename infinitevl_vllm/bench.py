@@ -188,7 +188,7 @@ def check_spec(spec: BenchSpec) -> list[ModelInfo]:
     budget = spec.kv_cache_gib * 2**30
     for info in infos:
         need = max_model_len(spec, info)
-        if need > info.max_position_embeddings:
+        if info.kind == "transformer" and need > info.max_position_embeddings:  # InfiniteVL has no length limit
             raise BenchError(f"{info.name}: a {longest_prompt(spec, info)}-token prompt plus {spec.gen_tokens} "
                              f"generated tokens exceeds its max_position_embeddings ({info.max_position_embeddings})")
         if info.kv_bytes_per_token and need * info.kv_bytes_per_token > budget:
