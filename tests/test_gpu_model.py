@@ -38,7 +38,7 @@ def test_gpu_decoder_matches_reference_across_chunks_and_decodes():
             if name.endswith(("A_log", "dt_bias")):
                 p.uniform_(0.0, 1.0)
     dims = DecoderDims.from_config(cfg.text_config)
-    ours = InfiniteVLDecoderGPU(dims, num_slots=3, device="cpu", dtype=torch.float32, ring_block_size=3)  # 12 rows: wraps
+    ours = InfiniteVLDecoderGPU(dims, num_slots=3, device="cpu", dtype=torch.float32, ring_block_size=3)  # wraps
     ours.load_reference_state(ref.state_dict())
     ids = torch.randint(0, 1000, (13,))
     logits_ref, state = ref.prefill(MultimodalInputs(input_ids=ids))

@@ -87,25 +87,27 @@ def gated_rmsnorm_heads(o: torch.Tensor, gate: torch.Tensor, weight: torch.Tenso
 
 
 @triton.jit
-def _rope_kernel(x_ptr, cos_ptr, sin_ptr, stride_t, stride_h, stride_c, HALF: tl.constexpr):
+def _rope_kernel(x_ptr, cos_ptr, sin_ptr, stride_t, stride_h, stride_c, HALF: tl.constexpr, HP: tl.constexpr):
     t = tl.program_id(0)
     h = tl.program_id(1)
-    r = tl.arange(0, HALF)
+    r = tl.arange(0, HP)
+    m = r < HALF
     base = x_ptr + t * stride_t + h * stride_h
-    a = tl.load(base + r).to(tl.float32)
-    b = tl.load(base + HALF + r).to(tl.float32)
-    c1 = tl.load(cos_ptr + t * stride_c + r)
-    s1 = tl.load(sin_ptr + t * stride_c + r)
-    c2 = tl.load(cos_ptr + t * stride_c + HALF + r)
-    s2 = tl.load(sin_ptr + t * stride_c + HALF + r)
-    tl.store(base + r, (a * c1 - b * s1).to(x_ptr.dtype.element_ty))
-    tl.store(base + HALF + r, (b * c2 + a * s2).to(x_ptr.dtype.element_ty))
+    a = tl.load(base + r, mask=m).to(tl.float32)
+    b = tl.load(base + HALF + r, mask=m).to(tl.float32)
+    c1 = tl.load(cos_ptr + t * stride_c + r, mask=m)
+    s1 = tl.load(sin_ptr + t * stride_c + r, mask=m)
+    c2 = tl.load(cos_ptr + t * stride_c + HALF + r, mask=m)
+    s2 = tl.load(sin_ptr + t * stride_c + HALF + r, mask=m)
+    tl.store(base + r, (a * c1 - b * s1).to(x_ptr.dtype.element_ty), mask=m)
+    tl.store(base + HALF + r, (b * c2 + a * s2).to(x_ptr.dtype.element_ty), mask=m)
 
 
 def rope_inplace(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """Rotate-half RoPE in place on x [T, H, D] (a view is fine); cos/sin [T, D] float32 contiguous."""
     T, H, D = x.shape
-    _rope_kernel[(T, H)](x, cos, sin, x.stride(0), x.stride(1), cos.stride(0), HALF=D // 2)
+    _rope_kernel[(T, H)](x, cos, sin, x.stride(0), x.stride(1), cos.stride(0), HALF=D // 2,
+                         HP=triton.next_power_of_2(D // 2))
 
 
 def rope_qk_inplace(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int, cos: torch.Tensor,
@@ -127,8 +129,9 @@ def rope_qk_inplace(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
 
 PRO_NONE, PRO_NORM, PRO_SILU = 0, 1, 2
 
-# (N, K) -> (BN, BK, num_warps), from a sweep on an H100 (benchmarks/gpu_h100.py --sections gemv_sweep)
-MATVEC_CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {}
+# (N, K) -> (BN, BK, num_warps), or None where cuBLAS plus a separate prologue launch is faster;
+# benchmarks/gpu_h100.py (section gemv_sweep) fills it on the GPU it runs on.
+MATVEC_CONFIGS: dict[tuple[int, int], tuple[int, int, int] | None] = {}
 
 
 @triton.jit
@@ -189,8 +192,10 @@ def _matvec_config(N: int, K: int, cuda: bool) -> tuple[int, int, int]:
     return (16 if N >= 8192 else 8), 512, 4
 
 
-def _use_matvec(x: torch.Tensor) -> bool:
-    return x.shape[0] == 1 and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+def _use_matvec(x: torch.Tensor, w: torch.Tensor) -> bool:
+    if x.shape[0] != 1 or MATVEC_CONFIGS.get(tuple(w.shape), ()) is None:
+        return False
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _matvec(x, w, bias=None, pro=PRO_NONE, h=None, nw=None, eps=0.0, xo=None, config=None):
@@ -211,7 +216,7 @@ def _matvec(x, w, bias=None, pro=PRO_NONE, h=None, nw=None, eps=0.0, xo=None, co
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, K] @ w[N, K]^T (+ bias): one Triton pass at T == 1, cuBLAS otherwise."""
-    if _use_matvec(x):
+    if _use_matvec(x, w):
         return _matvec(x, w, bias)
     return x @ w.t() if bias is None else torch.addmm(bias, x, w.t())
 
@@ -221,7 +226,7 @@ def norm_linear(x: torch.Tensor, h: torch.Tensor | None, norm_w: torch.Tensor, e
     """rmsnorm(x + h) @ w^T (+ bias). Returns (product, x + h): the residual stream goes on in the
     returned tensor (at T > 1 that is x itself, updated in place; at T == 1 a new one, since every
     program of the fused launch still reads x)."""
-    if _use_matvec(x):
+    if _use_matvec(x, w):
         xo = x if h is None else torch.empty_like(x)
         return _matvec(x, w, bias, PRO_NORM, h=h, nw=norm_w, eps=eps, xo=xo), xo
     n = rmsnorm(x, norm_w, eps, add=h)
@@ -230,6 +235,6 @@ def norm_linear(x: torch.Tensor, h: torch.Tensor | None, norm_w: torch.Tensor, e
 
 def silu_linear(gate_up: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up @ w^T for gate_up [T, 2K] (gate | up)."""
-    if _use_matvec(gate_up):
+    if _use_matvec(gate_up, w):
         return _matvec(gate_up, w, pro=PRO_SILU)
     return silu_mul(gate_up) @ w.t()

@@ -47,6 +47,7 @@ def _swa_decode_split_kernel(
     stride_qb, stride_qh, stride_nb, stride_nh, stride_cb, stride_ch, stride_ct, stride_bt, stride_ob, stride_oh,
     bs, cap, W, split_len, scale,
     NSPLIT: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
+    TWO_PAGES: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -65,11 +66,24 @@ def _swa_decode_split_kernel(
     acc = tl.zeros([GP, D], tl.float32)
     table = bt_ptr + b * stride_bt
     head = c_ptr + kvh * stride_ch
+    nblk = cap // bs
+    # A tile of BN <= block_size consecutive tokens touches at most two pages (page i, then i+1 or,
+    # at the ring's end, page 0). Their two ids are loaded one tile ahead, so the K/V loads never
+    # wait on a table load.
+    i0 = (start % cap) // bs
+    t0 = tl.load(table + i0)
+    t1 = tl.load(table + (i0 + 1) % nblk)
     for j0 in range(start, end, BN):
         rj = j0 + tl.arange(0, BN)
         mj = rj < end
         row = rj % cap
-        blk = tl.load(table + row // bs, mask=mj, other=0).to(tl.int64)
+        if TWO_PAGES:
+            blk = tl.where(row // bs == i0, t0, t1).to(tl.int64)
+            i0 = ((j0 + BN) % cap) // bs
+            t0 = tl.load(table + i0)
+            t1 = tl.load(table + (i0 + 1) % nblk)
+        else:
+            blk = tl.load(table + row // bs, mask=mj, other=0).to(tl.int64)
         base = head + blk[:, None] * stride_cb + (row % bs)[:, None] * stride_ct + rd[None, :]
         k = tl.load(base, mask=mj[:, None], other=0.0)
         v = tl.load(base + D, mask=mj[:, None], other=0.0)
@@ -170,11 +184,12 @@ def swa_paged_decode(
     lsum = torch.empty(B, Hkv, n, GP, **f32)
     acc = torch.empty(B, Hkv, n, GP, D, **f32) if nsplit > 1 else m
     cs = cache.stride()
+    BN = 64 if q.is_cuda else 4
     _swa_decode_split_kernel[(B, Hkv, nsplit)](
         q, k_new, v_new, cache, block_table, positions, m, lsum, acc, o,
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), cs[0], cs[1], cs[2], block_table.stride(0),
         o.stride(0), o.stride(1), bs, cap, window, split_len, scale,
-        NSPLIT=nsplit, G=G, GP=GP, D=D, BN=64 if q.is_cuda else 16, num_warps=4,
+        NSPLIT=nsplit, G=G, GP=GP, D=D, BN=BN, TWO_PAGES=BN <= bs, num_warps=4,
     )
     if nsplit > 1:
         _swa_decode_merge_kernel[(B, Hkv)](m, lsum, acc, o, o.stride(0), o.stride(1),
