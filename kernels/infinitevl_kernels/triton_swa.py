@@ -55,7 +55,7 @@ def _swa_decode_split_kernel(
     rg = tl.arange(0, GP)
     mg = rg < G
     rd = tl.arange(0, D)
-    p = tl.load(pos_ptr + b).to(tl.int64)
+    p = tl.load(pos_ptr + b).to(tl.int32)  # token indices in int32: the ring arithmetic divides per key
     q = tl.load(q_ptr + b * stride_qb + (kvh * G + rg)[:, None] * stride_qh + rd[None, :],
                 mask=mg[:, None], other=0.0)
     lo = tl.maximum(p - W + 1, 0)
@@ -115,38 +115,40 @@ def _swa_decode_split_kernel(
                  (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=mg[:, None])
     else:
         idx = (b * tl.num_programs(1) + kvh) * NSPLIT + s
-        tl.store(m_ptr + idx * GP + rg, m_i)
-        tl.store(l_ptr + idx * GP + rg, l_i)
-        tl.store(acc_ptr + (idx * GP + rg)[:, None] * D + rd[None, :], acc)
+        tl.store(m_ptr + idx * GP + rg, m_i, mask=mg)
+        tl.store(l_ptr + idx * GP + rg, l_i, mask=mg)
+        tl.store(acc_ptr + (idx * GP + rg)[:, None] * D + rd[None, :], acc, mask=mg[:, None])
 
 
 @triton.jit
 def _swa_decode_merge_kernel(
     m_ptr, l_ptr, acc_ptr, o_ptr, stride_ob, stride_oh,
-    NSPLIT: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+    NSPLIT: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DB: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     rg = tl.arange(0, GP)
-    rd = tl.arange(0, D)
+    mg = rg < G
+    rd = tl.program_id(2) * DB + tl.arange(0, DB)  # programs split head_dim: batch 1 has few (b, kvh)
     base = (b * tl.num_programs(1) + kvh) * NSPLIT
     M = tl.full([GP], NEG, tl.float32)
     for s in tl.static_range(NSPLIT):
-        M = tl.maximum(M, tl.load(m_ptr + (base + s) * GP + rg))
+        M = tl.maximum(M, tl.load(m_ptr + (base + s) * GP + rg, mask=mg, other=NEG))
     L = tl.zeros([GP], tl.float32)
-    acc = tl.zeros([GP, D], tl.float32)
+    acc = tl.zeros([GP, DB], tl.float32)
     for s in tl.static_range(NSPLIT):
-        w = tl.exp(tl.load(m_ptr + (base + s) * GP + rg) - M)
-        L += w * tl.load(l_ptr + (base + s) * GP + rg)
-        acc += w[:, None] * tl.load(acc_ptr + ((base + s) * GP + rg)[:, None] * D + rd[None, :])
+        w = tl.exp(tl.load(m_ptr + (base + s) * GP + rg, mask=mg, other=NEG) - M)
+        L += w * tl.load(l_ptr + (base + s) * GP + rg, mask=mg, other=0.0)
+        acc += w[:, None] * tl.load(acc_ptr + ((base + s) * GP + rg)[:, None] * D + rd[None, :], mask=mg[:, None],
+                                    other=0.0)
     tl.store(o_ptr + b * stride_ob + (kvh * G + rg)[:, None] * stride_oh + rd[None, :],
-             (acc / L[:, None]).to(o_ptr.dtype.element_ty), mask=(rg < G)[:, None])
+             (acc / tl.maximum(L, 1e-30)[:, None]).to(o_ptr.dtype.element_ty), mask=mg[:, None])
 
 
 def decode_splits(batch: int, kv_heads: int, window: int, sms: int = 132) -> int:
     """How many pieces to cut each window into so that about two waves of programs run."""
     want = max(1, (2 * sms) // max(1, batch * kv_heads))
-    return int(min(32, triton.next_power_of_2(want), max(1, window // 256)))
+    return int(min(64, triton.next_power_of_2(want), max(1, window // 128)))
 
 
 def swa_paged_decode(
@@ -192,8 +194,9 @@ def swa_paged_decode(
         NSPLIT=nsplit, G=G, GP=GP, D=D, BN=BN, TWO_PAGES=BN <= bs, num_warps=4,
     )
     if nsplit > 1:
-        _swa_decode_merge_kernel[(B, Hkv)](m, lsum, acc, o, o.stride(0), o.stride(1),
-                                           NSPLIT=nsplit, G=G, GP=GP, D=D, num_warps=4)
+        DB = min(D, 32)
+        _swa_decode_merge_kernel[(B, Hkv, D // DB)](m, lsum, acc, o, o.stride(0), o.stride(1),
+                                                    NSPLIT=nsplit, G=G, GP=GP, D=D, DB=DB, num_warps=4)
     return o
 
 
@@ -210,10 +213,11 @@ def _swa_prefill_kernel(
     n = tl.program_id(2) // NSPLIT
     s = tl.program_id(2) % NSPLIT
     s0 = tl.load(cu_ptr + n).to(tl.int64)
-    L = tl.load(cu_ptr + n + 1).to(tl.int64) - s0
+    # token indices in int32 (the ring arithmetic divides per key); only addresses are int64
+    L = (tl.load(cu_ptr + n + 1) - tl.load(cu_ptr + n)).to(tl.int32)
     if qb * BMT >= L:
         return
-    start = tl.load(start_ptr + n).to(tl.int64)
+    start = tl.load(start_ptr + n).to(tl.int32)
     # tile rows: BMT query tokens x GP heads of this KV group
     r = tl.arange(0, BMT * GP)
     ti = qb * BMT + r // GP
