@@ -2,7 +2,8 @@
 
 vLLM has no attention that reads a ring (its ring spec has no slot mapping: the layer places its
 rows). This is one: a vLLM attention backend whose metadata says which ring blocks each request
-owns and how many tokens precede this step, and whose forward runs ``infinitevl_kernels.ring``.
+owns and how many tokens precede this step, and whose forward runs ``infinitevl_kernels.ring`` on
+CPU and the Triton kernels of ``infinitevl_kernels.triton_swa`` (same layout) on CUDA.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import ClassVar
 
 import torch
 from infinitevl_kernels.ring import PagedRing, ring_decode_attention, ring_prefill_attention
+from infinitevl_kernels.triton_swa import swa_paged_forward
 from vllm.config import CacheConfig, VllmConfig
 from vllm.model_executor.layers.attention import Attention
 from vllm.v1.attention.backend import (
@@ -68,6 +70,13 @@ class RingAttentionImpl(AttentionImpl[RingAttentionMetadata]):
         if attn_metadata is None:  # profiling run: no rings yet
             return output
         md = attn_metadata
+        if query.is_cuda:  # the Triton kernels on the same paged ring (benchmarks/gpu_h100.py times them)
+            swa_paged_forward(query.view(-1, self.num_heads, self.head_size),
+                              key.view(-1, self.num_kv_heads, self.head_size),
+                              value.view(-1, self.num_kv_heads, self.head_size), kv_cache,
+                              md.ring_block_ids, md.query_start_loc, md.starts, self.window, self.scale,
+                              output.view(-1, self.num_heads, self.head_size))
+            return output
         for i, start in enumerate(md.starts):
             a, b = md.query_start_loc[i], md.query_start_loc[i + 1]
             if a == b:

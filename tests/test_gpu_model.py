@@ -38,19 +38,19 @@ def test_gpu_decoder_matches_reference_across_chunks_and_decodes():
             if name.endswith(("A_log", "dt_bias")):
                 p.uniform_(0.0, 1.0)
     dims = DecoderDims.from_config(cfg.text_config)
-    ours = InfiniteVLDecoderGPU(dims, num_slots=3, device="cpu", dtype=torch.float32, ring_cap=9)
+    ours = InfiniteVLDecoderGPU(dims, num_slots=3, device="cpu", dtype=torch.float32, ring_block_size=3)  # wraps
     ours.load_reference_state(ref.state_dict())
     ids = torch.randint(0, 1000, (13,))
     logits_ref, state = ref.prefill(MultimodalInputs(input_ids=ids))
     slot = torch.tensor([1])
     outs = []
-    for s, e in [(0, 9), (9, 13)]:
+    for s, e in [(0, 8), (8, 9), (9, 13)]:  # the 1-token chunk takes the fused matvec path
         pos = torch.arange(s, e).expand(3, -1)
         hid = ours.prefill(ours.embed[ids[s:e]], pos, torch.tensor([0, e - s]), torch.tensor([s]), slot, e - s)
         outs.append(ours.logits(hid))
     assert rel(torch.cat(outs), logits_ref) < 2e-3
     tok = int(logits_ref[-1].argmax())
-    for t in range(13, 16):
+    for t in range(13, 17):
         want = ref.step(tok, state)
         got = ours.decode(torch.tensor([tok]), torch.full((3, 1), t), torch.tensor([t]), slot)[0]
         assert rel(got, want) < 2e-3

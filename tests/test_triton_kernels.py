@@ -3,6 +3,7 @@
 The same comparisons run on the GPU inside benchmarks/gpu_h100.py at the real shapes.
 """
 
+import math
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -20,10 +21,11 @@ from infinitevl_kernels.triton_gdn import (  # noqa: E402
     gdn_prefill_varlen_ref,
 )
 from infinitevl_kernels.triton_swa import (  # noqa: E402
-    swa_ring_decode,
-    swa_ring_decode_ref,
-    swa_ring_prefill,
-    swa_ring_prefill_ref,
+    swa_paged_decode,
+    swa_paged_decode_ref,
+    swa_paged_forward,
+    swa_paged_prefill,
+    swa_paged_prefill_ref,
 )
 
 if os.environ.get("TRITON_INTERPRET") != "1":
@@ -104,83 +106,140 @@ def test_gdn_prefill_varlen_from_each_slot(lens, init):
     assert rel(conv, conv_ref) < 1e-6 and rel(ssm, ssm_ref) < 1e-4
 
 
-def ring_setup(slots: int, cap: int, hkv: int, d: int, g: torch.Generator):
-    k_ring = torch.randn(slots, cap, hkv, d, generator=g)
-    return k_ring, torch.randn(slots, cap, hkv, d, generator=g)
+def paged_ring(seqs: int, window: int, block: int, hkv: int, d: int, g: torch.Generator, dtype=torch.float32):
+    """A NaN-filled paged cache with one random ring per sequence (random values in its pages).
+
+    Pages owned by no sequence stay NaN, so a wrong block-table lookup shows up in the output."""
+    rb = math.ceil(window / block) + 1
+    num_blocks = seqs * rb + 3
+    cache = torch.full((num_blocks, hkv, block, 2 * d), math.nan, dtype=dtype)
+    table = torch.randperm(num_blocks, generator=g)[: seqs * rb].view(seqs, rb)
+    cache[table.flatten()] = torch.randn(seqs * rb, hkv, block, 2 * d, generator=g).to(dtype)
+    return cache, table
 
 
-@pytest.mark.parametrize("window,cap", [(8, 7), (8, 12), (40, 39)])
-def test_swa_ring_decode_exact_window(window, cap):
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return bool(torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num()))
+
+
+@pytest.mark.parametrize("window,block,nsplit", [(8, 4, 2), (8, 3, 1), (40, 7, 4), (16, 16, 3)])
+def test_swa_paged_decode_matches_ring_reference(window, block, nsplit):
     g = torch.Generator().manual_seed(4)
     Hq, Hkv, D = 4, 2, 16
-    k_ring, v_ring = ring_setup(4, cap, Hkv, D, g)
-    positions, slots = [0, 5, 7, 100], [1, 3, 0, 2]  # fresh, short, exactly W-1 before, wrapped
-    B = len(slots)
+    positions = [0, 5, window - 1, window, 100, 3 * window + 1]  # fresh, short, full, first wrap, wrapped
+    B = len(positions)
+    cache, table = paged_ring(B, window, block, Hkv, D, g)
     q = torch.randn(B, Hq, D, generator=g)
     kn, vn = torch.randn(B, Hkv, D, generator=g), torch.randn(B, Hkv, D, generator=g)
-    kr_ref, vr_ref = k_ring.clone(), v_ring.clone()
-    o = swa_ring_decode(q, kn, vn, k_ring, v_ring, torch.tensor(positions), torch.tensor(slots), window, nsplit=2)
-    o_ref = swa_ring_decode_ref(q, kn, vn, kr_ref, vr_ref, positions, slots, window)
+    ref_cache = cache.clone()
+    o = swa_paged_decode(q, kn, vn, cache, table.int(), torch.tensor(positions), window, nsplit=nsplit)
+    o_ref = swa_paged_decode_ref(q, kn, vn, ref_cache, table, positions, window)
     assert rel(o, o_ref) < 1e-5
-    assert torch.equal(k_ring, kr_ref) and torch.equal(v_ring, vr_ref)
+    assert same(cache, ref_cache), "ring contents differ from ring.py's"
 
 
-def test_swa_ring_decode_sees_nothing_outside_the_window():
+def test_swa_paged_decode_sees_nothing_outside_the_window():
     """Poison every ring row outside the window: the output must not change."""
     g = torch.Generator().manual_seed(5)
-    window, cap, Hq, Hkv, D = 6, 10, 2, 1, 16
-    k_ring, v_ring = ring_setup(1, cap, Hkv, D, g)
+    window, block, Hq, Hkv, D = 6, 4, 2, 1, 16
+    cache, table = paged_ring(1, window, block, Hkv, D, g)
+    cap = table.shape[1] * block
     p = 23
     q = torch.randn(1, Hq, D, generator=g)
     kn, vn = torch.randn(1, Hkv, D, generator=g), torch.randn(1, Hkv, D, generator=g)
-    inside = {pos % cap for pos in range(p - window + 1, p)}
-    kp, vp = k_ring.clone(), v_ring.clone()
-    for r in range(cap):
-        if r not in inside:
-            kp[0, r], vp[0, r] = 1e4, float("nan")
-    args = (torch.tensor([p]), torch.tensor([0]), window)
-    o1 = swa_ring_decode(q, kn, vn, k_ring, v_ring, *args, nsplit=2)
-    o2 = swa_ring_decode(q, kn, vn, kp, vp, *args, nsplit=2)
+    poisoned = cache.clone()
+    inside = {t % cap for t in range(p - window + 1, p)}
+    for r in set(range(cap)) - inside:
+        poisoned[table[0, r // block], :, r % block] = math.nan
+    args = (table, torch.tensor([p]), window)
+    o1 = swa_paged_decode(q, kn, vn, cache, *args, nsplit=2)
+    o2 = swa_paged_decode(q, kn, vn, poisoned, *args, nsplit=2)
     assert torch.isfinite(o2).all() and rel(o2, o1) < 1e-6
 
 
-@pytest.mark.parametrize("window,cap", [(8, 7), (16, 20)])
-def test_swa_ring_prefill_chunks(window, cap):
+@pytest.mark.parametrize("window,block,nsplit", [(8, 3, 1), (16, 5, 3), (16, 16, 2)])
+def test_swa_paged_prefill_matches_ring_reference(window, block, nsplit):
     g = torch.Generator().manual_seed(6)
     Hq, Hkv, D = 4, 2, 16
-    k_ring, v_ring = ring_setup(3, cap, Hkv, D, g)
-    lens, starts, slots = [21, 3, 9], [0, 30, 5], [2, 0, 1]  # fresh and long; a few after many; mid-window
+    # fresh and longer than the ring; a few after many; mid-window; a single token; empty
+    lens, starts = [41, 3, 9, 1, 0], [0, 30, 5, 12, 7]
     cu = [0]
     for n in lens:
         cu.append(cu[-1] + n)
     T = cu[-1]
+    cache, table = paged_ring(len(lens), window, block, Hkv, D, g)
     q = torch.randn(T, Hq, D, generator=g)
     k, v = torch.randn(T, Hkv, D, generator=g), torch.randn(T, Hkv, D, generator=g)
-    kr_ref, vr_ref = k_ring.clone(), v_ring.clone()
-    o = swa_ring_prefill(q, k, v, k_ring, v_ring, torch.tensor(cu), torch.tensor(starts), torch.tensor(slots),
-                         max(lens), window)
-    o_ref = swa_ring_prefill_ref(q, k, v, kr_ref, vr_ref, cu, starts, slots, window)
+    ref_cache = cache.clone()
+    o = swa_paged_prefill(q, k, v, cache, table, torch.tensor(cu), torch.tensor(starts), max(lens), window,
+                          nsplit=nsplit)
+    o_ref = swa_paged_prefill_ref(q, k, v, ref_cache, table, cu, starts, window)
     assert rel(o, o_ref) < 1e-5
-    assert torch.equal(k_ring, kr_ref) and torch.equal(v_ring, vr_ref)
+    assert same(cache, ref_cache), "ring contents differ from ring.py's"
 
 
-def test_swa_prefill_then_decode_equals_one_long_prefill():
+def test_swa_paged_prefill_then_decode_equals_one_long_attention():
     """Chunk boundaries are invisible: prefill in pieces plus decodes = attention over the whole sequence."""
     g = torch.Generator().manual_seed(7)
-    window, cap, Hq, Hkv, D, T = 8, 7, 2, 1, 16, 30
+    window, block, Hq, Hkv, D, T = 8, 3, 2, 1, 16, 40
     q = torch.randn(T, Hq, D, generator=g)
     k, v = torch.randn(T, Hkv, D, generator=g), torch.randn(T, Hkv, D, generator=g)
-    k_ring, v_ring = torch.zeros(1, cap, Hkv, D), torch.zeros(1, cap, Hkv, D)
-    slot = torch.tensor([0])
+    cache, table = paged_ring(1, window, block, Hkv, D, g)
     outs = []
-    for s, e in [(0, 11), (11, 12), (12, 27)]:
-        outs.append(swa_ring_prefill(q[s:e], k[s:e], v[s:e], k_ring, v_ring, torch.tensor([0, e - s]),
-                                     torch.tensor([s]), slot, e - s, window))
-    for t in range(27, T):
-        outs.append(swa_ring_decode(q[t : t + 1], k[t : t + 1], v[t : t + 1], k_ring, v_ring, torch.tensor([t]),
-                                    slot, window, nsplit=2))
+    for s, e in [(0, 11), (11, 12), (12, 30)]:
+        outs.append(swa_paged_prefill(q[s:e], k[s:e], v[s:e], cache, table, torch.tensor([0, e - s]),
+                                      torch.tensor([s]), e - s, window, nsplit=2))
+    for t in range(30, T):
+        outs.append(swa_paged_decode(q[t : t + 1], k[t : t + 1], v[t : t + 1], cache, table, torch.tensor([t]),
+                                     window, nsplit=2))
     pos = torch.arange(T)
     from infinitevl_kernels import sliding_window_attention
 
     ref = sliding_window_attention(q.double(), k.double(), v.double(), pos, pos, window)
     assert rel(torch.cat(outs), ref) < 1e-5
+
+
+def test_swa_paged_forward_mixed_vllm_batch():
+    """What RingAttentionImpl runs on CUDA: decodes first, then prefills and an empty request."""
+    g = torch.Generator().manual_seed(8)
+    window, block, Hq, Hkv, D = 8, 3, 4, 2, 16
+    lens, starts = [1, 1, 6, 0, 13], [9, 2, 4, 3, 0]
+    qsl = [0]
+    for n in lens:
+        qsl.append(qsl[-1] + n)
+    T = qsl[-1]
+    cache, table = paged_ring(len(lens), window, block, Hkv, D, g)
+    q = torch.randn(T, Hq, D, generator=g)
+    k, v = torch.randn(T, Hkv, D, generator=g), torch.randn(T, Hkv, D, generator=g)
+    ref_cache = cache.clone()
+    out = torch.full_like(q, math.nan)
+    swa_paged_forward(q, k, v, cache, table, qsl, starts, window, D**-0.5, out)
+    want = swa_paged_prefill_ref(q, k, v, ref_cache, table, qsl, starts, window)
+    assert rel(out, want) < 1e-5 and same(cache, ref_cache)
+
+
+def test_swa_paged_ring_smaller_than_window_is_refused():
+    cache = torch.zeros(4, 1, 3, 32)
+    q = torch.zeros(1, 2, 16)
+    kv = torch.zeros(1, 1, 16)
+    with pytest.raises(ValueError, match="cannot hold a window"):
+        swa_paged_decode(q, kv, kv, cache, torch.tensor([[0, 1]]), torch.tensor([0]), 8)
+
+
+@pytest.mark.parametrize("N,K", [(37, 40), (16, 64)])  # ragged and even tiles
+def test_fused_matvecs_match_torch(N, K):
+    from infinitevl_kernels.triton_ops import linear, norm_linear, rmsnorm_ref, silu_linear
+
+    g = torch.Generator().manual_seed(9)
+    x, h = torch.randn(1, K, generator=g), torch.randn(1, K, generator=g)
+    w, bias, nw = torch.randn(N, K, generator=g), torch.randn(N, generator=g), torch.rand(K, generator=g) + 0.5
+    x0 = x.clone()
+    y, x_new = norm_linear(x, h, nw, 1e-6, w, bias)
+    assert torch.equal(x, x0), "the fused pass must leave its input for the other programs"
+    assert rel(x_new, x0 + h) < 1e-7
+    assert rel(y, rmsnorm_ref(x0 + h, nw, 1e-6) @ w.t() + bias) < 1e-5
+    y, same_x = norm_linear(x, None, nw, 1e-6, w)
+    assert same_x is x and rel(y, rmsnorm_ref(x, nw, 1e-6) @ w.t()) < 1e-5
+    assert rel(linear(x, w), x @ w.t()) < 1e-5
+    gu = torch.randn(1, 2 * K, generator=g)
+    assert rel(silu_linear(gu, w), (torch.nn.functional.silu(gu[:, :K]) * gu[:, K:]) @ w.t()) < 1e-5

@@ -7,19 +7,26 @@ any object with the text-config attribute names). Weights use the checkpoint's n
 in as few launches as possible.
 
 State pools (per model, all sequences): conv ``[Lg, slots, C, K-1]``, recurrent
-``[Lg, slots, H, Dv, Dk]``, SWA rings ``[Ls, slots, cap, Hkv, D]``; a sequence is a slot index.
+``[Lg, slots, H, Dv, Dk]``; a sequence is a slot index. The SWA KV is vLLM's paged ring (see
+``ring.py``): per SWA layer a cache ``[num_blocks, Hkv, block_size, 2D]``, and per slot a block-table
+row of ``ceil(W / block_size) + 1`` pages (shared by the SWA layers, as vLLM's block table is), so
+the kernels here are the ones the vLLM model runs on CUDA.
+
+At batch 1 the products run as fused Triton matrix-vector passes (``triton_ops.norm_linear`` /
+``silu_linear``), so the norms and SwiGLU cost no launch of their own.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from .gdn_batch import GDNShape
 from .triton_gdn import gdn_decode_slots, gdn_prefill_varlen
-from .triton_ops import gated_rmsnorm_heads, rmsnorm, rope_inplace, silu_mul
-from .triton_swa import swa_ring_decode, swa_ring_prefill
+from .triton_ops import gated_rmsnorm_heads, linear, norm_linear, rmsnorm, rope_qk_inplace, silu_linear
+from .triton_swa import swa_paged_decode, swa_paged_prefill
 
 
 @dataclass
@@ -71,10 +78,11 @@ class InfiniteVLDecoderGPU:
     """Decoder forward over many sequences at once; every state lives in a pool indexed by slot."""
 
     def __init__(self, dims: DecoderDims, num_slots: int, device: torch.device | str, dtype=torch.bfloat16,
-                 ring_cap: int | None = None, state_dtype=None, seed: int = 0):
+                 ring_block_size: int = 64, state_dtype=None, seed: int = 0):
         self.d, self.dtype, self.device = dims, dtype, torch.device(device)
         self.num_slots = num_slots
-        self.cap = ring_cap or dims.window
+        self.ring_block_size = ring_block_size
+        self.ring_blocks = math.ceil(dims.window / ring_block_size) + 1
         sdt = state_dtype or dtype
         self.swa_ids = [i for i in range(dims.layers) if dims.is_swa(i)]
         self.gdn_ids = [i for i in range(dims.layers) if not dims.is_swa(i)]
@@ -86,9 +94,12 @@ class InfiniteVLDecoderGPU:
         self.conv_pool = torch.zeros(len(self.gdn_ids), num_slots, C, dims.conv - 1, dtype=sdt, device=dev)
         self.ssm_pool = torch.zeros(len(self.gdn_ids), num_slots, dims.lin_heads, dims.dv, dims.dk, dtype=sdt,
                                     device=dev)
-        ring = (len(self.swa_ids), num_slots, self.cap, dims.kv_heads, dims.head_dim)
-        self.k_ring = torch.zeros(ring, dtype=dtype, device=dev)
-        self.v_ring = torch.zeros(ring, dtype=dtype, device=dev)
+        pages = num_slots * self.ring_blocks
+        self.kv_cache = torch.zeros(len(self.swa_ids), pages, dims.kv_heads, ring_block_size, 2 * dims.head_dim,
+                                    dtype=dtype, device=dev)
+        # pages scattered over the cache, as vLLM's block pool hands them out
+        perm = torch.randperm(pages, generator=torch.Generator().manual_seed(seed))
+        self.block_table = perm.view(num_slots, self.ring_blocks).to(dev, torch.int32)
         half = dims.head_dim // 2
         self.inv_freq = 1.0 / (dims.rope_theta ** (torch.arange(0, half, device=dev, dtype=torch.float64) * 2
                                                    / dims.head_dim)).float()
@@ -161,7 +172,8 @@ class InfiniteVLDecoderGPU:
         def per(t):
             return t[:, 0].numel() * t.element_size()
 
-        return dict(conv=per(self.conv_pool), ssm=per(self.ssm_pool), ring=per(self.k_ring) + per(self.v_ring))
+        ring = self.kv_cache[:, : self.ring_blocks].numel() * self.kv_cache.element_size()
+        return dict(conv=per(self.conv_pool), ssm=per(self.ssm_pool), ring=ring)
 
     # -- pieces -------------------------------------------------------------------------------
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,13 +184,13 @@ class InfiniteVLDecoderGPU:
         return emb.cos().contiguous(), emb.sin().contiguous()
 
     def _mlp(self, L, x, h):
-        n = rmsnorm(x, L["post_norm"], self.d.rms_eps, add=h)
-        return silu_mul(n @ L["gate_up"].t()) @ L["down"].t()
+        gu, x = norm_linear(x, h, L["post_norm"], self.d.rms_eps, L["gate_up"])
+        return silu_linear(gu, L["down"]), x
 
-    def _gdn(self, L, j, n, decode: bool, slots, meta):
+    def _gdn(self, L, j, x, h, decode: bool, slots, meta):
         d, sh = self.d, self.d.gdn
         key, val, H = d.lin_heads * d.dk, d.lin_heads * d.dv, d.lin_heads
-        proj = n @ L["inp"].t()
+        proj, x = norm_linear(x, h, L["in_norm"], d.rms_eps, L["inp"])
         mixed = proj[:, : 2 * key + val]
         gate = proj[:, 2 * key + val : 2 * key + 2 * val]
         a = proj[:, 2 * key + 2 * val : 2 * key + 2 * val + H]
@@ -191,38 +203,40 @@ class InfiniteVLDecoderGPU:
             cu, _, has_init, max_len = meta
             o = gdn_prefill_varlen(mixed, a, b, slots=slots, has_initial_state=has_init, cu_seqlens=cu,
                                    max_len=max_len, **kw)
-        return gated_rmsnorm_heads(o, gate, L["o_norm"], d.norm_eps) @ L["o"].t()
+        return linear(gated_rmsnorm_heads(o, gate, L["o_norm"], d.norm_eps), L["o"]), x
 
-    def _swa(self, L, j, n, cos, sin, decode: bool, slots, meta, token_pos):
+    def _swa(self, L, j, x, h, cos, sin, decode: bool, table, meta, token_pos):
         d = self.d
-        T = n.shape[0]
-        qkv = torch.addmm(L["qkv_bias"], n, L["qkv"].t())
+        T = x.shape[0]
+        qkv, x = norm_linear(x, h, L["in_norm"], d.rms_eps, L["qkv"], L["qkv_bias"])
         qd, kd = d.heads * d.head_dim, d.kv_heads * d.head_dim
         q = qkv[:, :qd].view(T, d.heads, d.head_dim)
         k = qkv[:, qd : qd + kd].view(T, d.kv_heads, d.head_dim)
         v = qkv[:, qd + kd :].view(T, d.kv_heads, d.head_dim)
-        rope_inplace(q, cos, sin)
-        rope_inplace(k, cos, sin)
+        rope_qk_inplace(qkv, d.heads, d.kv_heads, d.head_dim, cos, sin)
         if decode:
-            o = swa_ring_decode(q, k, v, self.k_ring[j], self.v_ring[j], token_pos, slots, d.window)
+            o = swa_paged_decode(q, k, v, self.kv_cache[j], table, token_pos, d.window)
         else:
             cu, start, _, max_len = meta
-            o = swa_ring_prefill(q, k, v, self.k_ring[j], self.v_ring[j], cu, start, slots, max_len, d.window)
-        return o.reshape(T, -1) @ L["o"].t()
+            o = swa_paged_prefill(q, k, v, self.kv_cache[j], table, cu, start, max_len, d.window)
+        return linear(o.reshape(T, -1), L["o"]), x
 
-    def _layers(self, x, positions, decode, slots, meta, token_pos):
+    def _layers(self, x, positions, decode, slots, meta, token_pos, head=None):
+        """All layers, then the final norm and (if given) the product with ``head``."""
         cos, sin = self.cos_sin(positions)
+        table = self.block_table[slots]  # ring pages of each sequence, once for all SWA layers
         h = None
         gi = si = 0
         for i, L in enumerate(self.layers):
-            n = rmsnorm(x, L["in_norm"], self.d.rms_eps, add=h)
             if self.d.is_swa(i):
-                h = self._swa(L, si, n, cos, sin, decode, slots, meta, token_pos)
+                h, x = self._swa(L, si, x, h, cos, sin, decode, table, meta, token_pos)
                 si += 1
             else:
-                h = self._gdn(L, gi, n, decode, slots, meta)
+                h, x = self._gdn(L, gi, x, h, decode, slots, meta)
                 gi += 1
-            h = self._mlp(L, x, h)
+            h, x = self._mlp(L, x, h)
+        if head is not None:
+            return norm_linear(x, h, self.final_norm, self.d.rms_eps, head)[0]
         return rmsnorm(x, self.final_norm, self.d.rms_eps, add=h)
 
     # -- entry points -------------------------------------------------------------------------
@@ -232,7 +246,7 @@ class InfiniteVLDecoderGPU:
         """One token for each of B sequences. ids, token_pos (index in the sequence), slots: [B];
         positions: M-RoPE [3, B]. Returns logits [B, vocab]. Graph-capturable (no host syncs)."""
         x = self.embed[ids]
-        return self._layers(x, positions, True, slots, None, token_pos) @ self.embed.t()
+        return self._layers(x, positions, True, slots, None, token_pos, head=self.embed)
 
     @torch.no_grad()
     def prefill(self, x: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor, start_pos: torch.Tensor,

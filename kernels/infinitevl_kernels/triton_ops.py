@@ -6,6 +6,8 @@ be several times that, and each launch costs microseconds even inside a CUDA gra
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -85,22 +87,154 @@ def gated_rmsnorm_heads(o: torch.Tensor, gate: torch.Tensor, weight: torch.Tenso
 
 
 @triton.jit
-def _rope_kernel(x_ptr, cos_ptr, sin_ptr, stride_t, stride_h, stride_c, HALF: tl.constexpr):
+def _rope_kernel(x_ptr, cos_ptr, sin_ptr, stride_t, stride_h, stride_c, HALF: tl.constexpr, HP: tl.constexpr):
     t = tl.program_id(0)
     h = tl.program_id(1)
-    r = tl.arange(0, HALF)
+    r = tl.arange(0, HP)
+    m = r < HALF
     base = x_ptr + t * stride_t + h * stride_h
-    a = tl.load(base + r).to(tl.float32)
-    b = tl.load(base + HALF + r).to(tl.float32)
-    c1 = tl.load(cos_ptr + t * stride_c + r)
-    s1 = tl.load(sin_ptr + t * stride_c + r)
-    c2 = tl.load(cos_ptr + t * stride_c + HALF + r)
-    s2 = tl.load(sin_ptr + t * stride_c + HALF + r)
-    tl.store(base + r, (a * c1 - b * s1).to(x_ptr.dtype.element_ty))
-    tl.store(base + HALF + r, (b * c2 + a * s2).to(x_ptr.dtype.element_ty))
+    a = tl.load(base + r, mask=m).to(tl.float32)
+    b = tl.load(base + HALF + r, mask=m).to(tl.float32)
+    c1 = tl.load(cos_ptr + t * stride_c + r, mask=m)
+    s1 = tl.load(sin_ptr + t * stride_c + r, mask=m)
+    c2 = tl.load(cos_ptr + t * stride_c + HALF + r, mask=m)
+    s2 = tl.load(sin_ptr + t * stride_c + HALF + r, mask=m)
+    tl.store(base + r, (a * c1 - b * s1).to(x_ptr.dtype.element_ty), mask=m)
+    tl.store(base + HALF + r, (b * c2 + a * s2).to(x_ptr.dtype.element_ty), mask=m)
 
 
 def rope_inplace(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """Rotate-half RoPE in place on x [T, H, D] (a view is fine); cos/sin [T, D] float32 contiguous."""
     T, H, D = x.shape
-    _rope_kernel[(T, H)](x, cos, sin, x.stride(0), x.stride(1), cos.stride(0), HALF=D // 2)
+    _rope_kernel[(T, H)](x, cos, sin, x.stride(0), x.stride(1), cos.stride(0), HALF=D // 2,
+                         HP=triton.next_power_of_2(D // 2))
+
+
+def rope_qk_inplace(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int, cos: torch.Tensor,
+                    sin: torch.Tensor) -> None:
+    """RoPE on the q and k parts of a fused q|k|v projection [T, (Hq+2Hkv)*D] in one launch: q and
+    k are adjacent, so they are one [T, Hq+Hkv, D] view."""
+    T = qkv.shape[0]
+    qk = qkv[:, : (heads + kv_heads) * head_dim].view(T, heads + kv_heads, head_dim)
+    rope_inplace(qk, cos, sin)
+
+
+# -- batch-1 matrix-vector products with fused prologues ---------------------------------------------
+#
+# At batch 1 a decode step is ~190 matrix-vector products. cuBLAS runs the narrow ones (o_proj,
+# down_proj: 2048 outputs) as split-K plus a reduce launch, and each of them needs a norm or SwiGLU
+# launch in front. One pass per product instead: each program owns BN output rows and streams their
+# whole K range, and the prologue (residual add + RMSNorm, or SwiGLU) is recomputed per program from
+# the small input vector, which sits in L2.
+
+PRO_NONE, PRO_NORM, PRO_SILU = 0, 1, 2
+
+# (N, K) -> (BN, BK, num_warps), or None where cuBLAS plus a separate prologue launch is faster;
+# benchmarks/gpu_h100.py (section gemv_sweep) fills it on the GPU it runs on.
+MATVEC_CONFIGS: dict[tuple[int, int], tuple[int, int, int] | None] = {}
+
+
+@triton.jit
+def _matvec_kernel(x_ptr, h_ptr, nw_ptr, xo_ptr, w_ptr, b_ptr, y_ptr, N, K, eps, stride_w,
+                   PRO: tl.constexpr, HAS_ADD: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+                   BN: tl.constexpr, BK: tl.constexpr):
+    pid = tl.program_id(0)
+    rn = pid * BN + tl.arange(0, BN)
+    mn = rn < N
+    rk0 = tl.arange(0, BK)
+    r = 1.0
+    if PRO == 1:  # RMSNorm over x (+ h): sum of squares first; program 0 also stores x + h
+        ss = tl.zeros([BK], tl.float32)
+        for k0 in range(0, K, BK):
+            rk = k0 + rk0
+            mk = rk < K
+            xv = tl.load(x_ptr + rk, mask=mk, other=0.0)
+            if HAS_ADD:
+                xv = xv + tl.load(h_ptr + rk, mask=mk, other=0.0)
+                if pid == 0:
+                    tl.store(xo_ptr + rk, xv, mask=mk)
+            xf = xv.to(tl.float32)
+            ss += xf * xf
+        r = tl.rsqrt(tl.sum(ss, 0) / K + eps)
+    acc = tl.zeros([BN, BK], tl.float32)
+    for k0 in range(0, K, BK):
+        rk = k0 + rk0
+        if EVEN_K:
+            w = tl.load(w_ptr + rn[:, None] * stride_w + rk[None, :], mask=mn[:, None], other=0.0)
+            mk = rk < K + BK  # all true
+        else:
+            mk = rk < K
+            w = tl.load(w_ptr + rn[:, None] * stride_w + rk[None, :], mask=mn[:, None] & mk[None, :], other=0.0)
+        if PRO == 2:  # SwiGLU of a gate|up vector, rounded as silu_mul's output
+            g = tl.load(x_ptr + rk, mask=mk, other=0.0).to(tl.float32)
+            u = tl.load(x_ptr + K + rk, mask=mk, other=0.0).to(tl.float32)
+            xv = (g / (1.0 + tl.exp(-g)) * u).to(w.dtype).to(tl.float32)
+        else:
+            xv = tl.load(x_ptr + rk, mask=mk, other=0.0)
+            if PRO == 1:
+                if HAS_ADD:
+                    xv = xv + tl.load(h_ptr + rk, mask=mk, other=0.0)
+                nw = tl.load(nw_ptr + rk, mask=mk, other=0.0).to(tl.float32)
+                xv = ((xv.to(tl.float32) * r).to(w.dtype).to(tl.float32) * nw).to(w.dtype)
+            xv = xv.to(tl.float32)
+        acc += w.to(tl.float32) * xv[None, :]
+    y = tl.sum(acc, 1)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rn, mask=mn, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=mn)
+
+
+def _matvec_config(N: int, K: int, cuda: bool) -> tuple[int, int, int]:
+    if not cuda:  # the interpreter runs one program at a time: few, wide ones
+        return min(1024, triton.next_power_of_2(N)), min(256, triton.next_power_of_2(K)), 4
+    if (N, K) in MATVEC_CONFIGS:
+        return MATVEC_CONFIGS[(N, K)]
+    return (16 if N >= 8192 else 8), 512, 4
+
+
+def _use_matvec(x: torch.Tensor, w: torch.Tensor) -> bool:
+    if x.shape[0] != 1 or MATVEC_CONFIGS.get(tuple(w.shape), ()) is None:
+        return False
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _matvec(x, w, bias=None, pro=PRO_NONE, h=None, nw=None, eps=0.0, xo=None, config=None):
+    N, K = w.shape
+    if w.stride(1) != 1 or x.stride(-1) != 1:
+        raise ValueError("matvec needs unit stride over K")
+    y = torch.empty(1, N, dtype=x.dtype, device=x.device)
+    BN, BK, warps = config or _matvec_config(N, K, x.is_cuda)
+    dummy = x
+    _matvec_kernel[(triton.cdiv(N, BN),)](
+        x, dummy if h is None else h, dummy if nw is None else nw, dummy if xo is None else xo, w,
+        dummy if bias is None else bias, y, N, K, eps, w.stride(0),
+        PRO=pro, HAS_ADD=h is not None, HAS_BIAS=bias is not None, EVEN_K=K % BK == 0, BN=BN, BK=BK,
+        num_warps=warps,
+    )
+    return y
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, K] @ w[N, K]^T (+ bias): one Triton pass at T == 1, cuBLAS otherwise."""
+    if _use_matvec(x, w):
+        return _matvec(x, w, bias)
+    return x @ w.t() if bias is None else torch.addmm(bias, x, w.t())
+
+
+def norm_linear(x: torch.Tensor, h: torch.Tensor | None, norm_w: torch.Tensor, eps: float, w: torch.Tensor,
+                bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """rmsnorm(x + h) @ w^T (+ bias). Returns (product, x + h): the residual stream goes on in the
+    returned tensor (at T > 1 that is x itself, updated in place; at T == 1 a new one, since every
+    program of the fused launch still reads x)."""
+    if _use_matvec(x, w):
+        xo = x if h is None else torch.empty_like(x)
+        return _matvec(x, w, bias, PRO_NORM, h=h, nw=norm_w, eps=eps, xo=xo), xo
+    n = rmsnorm(x, norm_w, eps, add=h)
+    return (n @ w.t() if bias is None else torch.addmm(bias, n, w.t())), x
+
+
+def silu_linear(gate_up: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up @ w^T for gate_up [T, 2K] (gate | up)."""
+    if _use_matvec(gate_up, w):
+        return _matvec(gate_up, w, pro=PRO_SILU)
+    return silu_mul(gate_up) @ w.t()

@@ -1,17 +1,22 @@
-"""Sliding-window attention over the ring KV layout, in Triton, with torch references.
+"""Sliding-window attention over vLLM's paged KV ring, in Triton, with torch references.
 
-Ring layout (what the vLLM side allocates for each SWA layer): K and V rings shaped
-``[num_slots, cap, num_kv_heads, head_dim]`` with ``cap >= W-1``; the token at absolute
-position p of a sequence lives in row ``p % cap`` of its slot.  A query at position p sees keys
-at positions ``max(0, p-W+1) .. p`` (W includes itself).
+Layout (the one ``ring.py`` specifies and the vLLM model allocates): one SWA layer's cache is
+``[num_blocks, kv_heads, block_size, Dk + Dv]`` (K and V side by side in the last dim); each
+sequence owns ``ring_blocks`` pages, listed in its block-table row. Token t lives in ring row
+``t % (ring_blocks * block_size)``: page ``row // block_size`` of the row, offset ``row % block_size``.
+A query at token t sees keys t-W+1 .. t. The ring must hold at least W rows, so the row a new
+token takes never holds a key that a query of the same step can still see.
 
-- Decode (one new token per sequence): flash-decoding over the ring rows of the previous
-  ``min(W-1, p)`` tokens, split over the window so batch 1 still fills the GPU, plus the new
-  token's own K/V from the inputs; a second launch merges the splits and only then writes the
-  new K/V into row ``p % cap`` (with ``cap == W-1`` that row still holds a key in the window).
-- Chunked prefill (a varlen batch of new tokens, each sequence starting at its own position):
-  each query block reads ring rows for keys before the chunk and the chunk's own K/V after it,
-  with the exact window/causal mask; then the last ``min(cap, len)`` tokens go into the ring.
+- Decode (one new token per sequence): flash-decoding over the previous ``min(W-1, t)`` ring rows,
+  split over the window so batch 1 still fills the GPU, plus the new token's K/V from the inputs;
+  the last split also stores the new K/V (its row is outside every window of the step). A merge
+  launch combines the splits (skipped when there is one).
+- Chunked varlen prefill: one program takes a block of query tokens for all query heads of one KV
+  head (the heads are packed into the rows of the tile, so each K/V tile is loaded once per group)
+  and a slice of the key range: ring rows for keys before the chunk, the chunk's own K/V after it,
+  with the exact window mask. Short chunks (a streaming frame) split the key range over programs
+  and merge, the way decode does. A last launch stores the chunk's final ``min(cap, len)`` tokens:
+  the chunk's own tokens overwrite rows that earlier queries of the chunk still read.
 """
 
 from __future__ import annotations
@@ -20,17 +25,29 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import sliding_window_attention
+from .ring import PagedRing, ring_decode_attention, ring_prefill_attention
 
 NEG = tl.constexpr(-1.0e30)
 
 
+def _ring_shape(cache: torch.Tensor, block_table: torch.Tensor, head_dim: int, window: int) -> tuple[int, int]:
+    """(block_size, capacity) after checking the layout."""
+    if cache.dim() != 4 or cache.shape[-1] != 2 * head_dim or cache.stride(-1) != 1:
+        raise ValueError(f"cache must be [num_blocks, kv_heads, block_size, 2*{head_dim}] with unit last stride")
+    bs = cache.shape[2]
+    cap = block_table.shape[1] * bs
+    if cap < window:
+        raise ValueError(f"ring of {cap} rows cannot hold a window of {window} tokens")
+    return bs, cap
+
+
 @triton.jit
 def _swa_decode_split_kernel(
-    q_ptr, kn_ptr, vn_ptr, kr_ptr, vr_ptr, pos_ptr, slot_ptr, m_ptr, l_ptr, acc_ptr,
-    stride_qb, stride_qh, stride_nb, stride_nh, stride_rs, stride_rt, stride_rh,
-    cap, W, split_len, scale,
+    q_ptr, kn_ptr, vn_ptr, c_ptr, bt_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, o_ptr,
+    stride_qb, stride_qh, stride_nb, stride_nh, stride_cb, stride_ch, stride_ct, stride_bt, stride_ob, stride_oh,
+    bs, cap, W, split_len, scale,
     NSPLIT: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
+    TWO_PAGES: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -38,302 +55,384 @@ def _swa_decode_split_kernel(
     rg = tl.arange(0, GP)
     mg = rg < G
     rd = tl.arange(0, D)
-    p = tl.load(pos_ptr + b).to(tl.int64)
-    slot = tl.load(slot_ptr + b).to(tl.int64)
+    p = tl.load(pos_ptr + b).to(tl.int32)  # token indices in int32: the ring arithmetic divides per key
     q = tl.load(q_ptr + b * stride_qb + (kvh * G + rg)[:, None] * stride_qh + rd[None, :],
                 mask=mg[:, None], other=0.0)
     lo = tl.maximum(p - W + 1, 0)
     start = tl.maximum(p - W + 1 + s * split_len, lo)
-    end = tl.minimum(p - W + 1 + (s + 1) * split_len, p)  # exclusive; p itself comes from the inputs
+    end = tl.minimum(p - W + 1 + (s + 1) * split_len, p)  # exclusive; token p itself comes from the inputs
     m_i = tl.full([GP], NEG, tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, D], tl.float32)
-    kbase = kr_ptr + slot * stride_rs + kvh * stride_rh
-    vbase = vr_ptr + slot * stride_rs + kvh * stride_rh
+    table = bt_ptr + b * stride_bt
+    head = c_ptr + kvh * stride_ch
+    nblk = cap // bs
+    # A tile of BN <= block_size consecutive tokens touches at most two pages (page i, then i+1 or,
+    # at the ring's end, page 0). Their two ids are loaded one tile ahead, so the K/V loads never
+    # wait on a table load.
+    i0 = (start % cap) // bs
+    t0 = tl.load(table + i0)
+    t1 = tl.load(table + (i0 + 1) % nblk)
     for j0 in range(start, end, BN):
         rj = j0 + tl.arange(0, BN)
         mj = rj < end
         row = rj % cap
-        k = tl.load(kbase + row[:, None] * stride_rt + rd[None, :], mask=mj[:, None], other=0.0)
-        v = tl.load(vbase + row[:, None] * stride_rt + rd[None, :], mask=mj[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k)) * scale
+        if TWO_PAGES:
+            blk = tl.where(row // bs == i0, t0, t1).to(tl.int64)
+            i0 = ((j0 + BN) % cap) // bs
+            t0 = tl.load(table + i0)
+            t1 = tl.load(table + (i0 + 1) % nblk)
+        else:
+            blk = tl.load(table + row // bs, mask=mj, other=0).to(tl.int64)
+        base = head + blk[:, None] * stride_cb + (row % bs)[:, None] * stride_ct + rd[None, :]
+        k = tl.load(base, mask=mj[:, None], other=0.0)
+        v = tl.load(base + D, mask=mj[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k.to(q.dtype))) * scale
         qk = tl.where(mj[None, :], qk, NEG)
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         pr = tl.exp(qk - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(pr, 1)
-        acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(pr.to(q.dtype), v.to(q.dtype))
         m_i = m_new
     if s == NSPLIT - 1:
-        kn = tl.load(kn_ptr + b * stride_nb + kvh * stride_nh + rd).to(tl.float32)
-        vn = tl.load(vn_ptr + b * stride_nb + kvh * stride_nh + rd).to(tl.float32)
-        qk1 = tl.sum(q.to(tl.float32) * kn[None, :], 1) * scale
+        kn = tl.load(kn_ptr + b * stride_nb + kvh * stride_nh + rd)
+        vn = tl.load(vn_ptr + b * stride_nb + kvh * stride_nh + rd)
+        qk1 = tl.sum(q.to(tl.float32) * kn.to(tl.float32)[None, :], 1) * scale
         m_new = tl.maximum(m_i, qk1)
         alpha = tl.exp(m_i - m_new)
         p1 = tl.exp(qk1 - m_new)
         l_i = l_i * alpha + p1
-        acc = acc * alpha[:, None] + p1[:, None] * vn[None, :]
+        acc = acc * alpha[:, None] + p1[:, None] * vn.to(tl.float32)[None, :]
         m_i = m_new
-    base = (b * tl.num_programs(1) + kvh) * NSPLIT + s
-    tl.store(m_ptr + base * GP + rg, m_i)
-    tl.store(l_ptr + base * GP + rg, l_i)
-    tl.store(acc_ptr + (base * GP + rg)[:, None] * D + rd[None, :], acc)
+        # row p % cap holds token p - cap <= p - W: no program of this step reads it
+        row = p % cap
+        dst = head + tl.load(table + row // bs).to(tl.int64) * stride_cb + (row % bs) * stride_ct + rd
+        tl.store(dst, kn.to(c_ptr.dtype.element_ty))
+        tl.store(dst + D, vn.to(c_ptr.dtype.element_ty))
+    if NSPLIT == 1:
+        tl.store(o_ptr + b * stride_ob + (kvh * G + rg)[:, None] * stride_oh + rd[None, :],
+                 (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=mg[:, None])
+    else:
+        idx = (b * tl.num_programs(1) + kvh) * NSPLIT + s
+        tl.store(m_ptr + idx * GP + rg, m_i, mask=mg)
+        tl.store(l_ptr + idx * GP + rg, l_i, mask=mg)
+        tl.store(acc_ptr + (idx * GP + rg)[:, None] * D + rd[None, :], acc, mask=mg[:, None])
 
 
 @triton.jit
 def _swa_decode_merge_kernel(
-    m_ptr, l_ptr, acc_ptr, o_ptr, kn_ptr, vn_ptr, kr_ptr, vr_ptr, pos_ptr, slot_ptr,
-    stride_ob, stride_oh, stride_nb, stride_nh, stride_rs, stride_rt, stride_rh, cap,
-    NSPLIT: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+    m_ptr, l_ptr, acc_ptr, o_ptr, stride_ob, stride_oh,
+    NSPLIT: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DB: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     rg = tl.arange(0, GP)
-    rd = tl.arange(0, D)
+    mg = rg < G
+    rd = tl.program_id(2) * DB + tl.arange(0, DB)  # programs split head_dim: batch 1 has few (b, kvh)
     base = (b * tl.num_programs(1) + kvh) * NSPLIT
     M = tl.full([GP], NEG, tl.float32)
     for s in tl.static_range(NSPLIT):
-        M = tl.maximum(M, tl.load(m_ptr + (base + s) * GP + rg))
+        M = tl.maximum(M, tl.load(m_ptr + (base + s) * GP + rg, mask=mg, other=NEG))
     L = tl.zeros([GP], tl.float32)
-    acc = tl.zeros([GP, D], tl.float32)
+    acc = tl.zeros([GP, DB], tl.float32)
     for s in tl.static_range(NSPLIT):
-        w = tl.exp(tl.load(m_ptr + (base + s) * GP + rg) - M)
-        L += w * tl.load(l_ptr + (base + s) * GP + rg)
-        acc += w[:, None] * tl.load(acc_ptr + ((base + s) * GP + rg)[:, None] * D + rd[None, :])
-    out = acc / L[:, None]
+        w = tl.exp(tl.load(m_ptr + (base + s) * GP + rg, mask=mg, other=NEG) - M)
+        L += w * tl.load(l_ptr + (base + s) * GP + rg, mask=mg, other=0.0)
+        acc += w[:, None] * tl.load(acc_ptr + ((base + s) * GP + rg)[:, None] * D + rd[None, :], mask=mg[:, None],
+                                    other=0.0)
     tl.store(o_ptr + b * stride_ob + (kvh * G + rg)[:, None] * stride_oh + rd[None, :],
-             out.to(o_ptr.dtype.element_ty), mask=(rg < G)[:, None])
-    # every split has read the ring by now: the new token may take its row
-    p = tl.load(pos_ptr + b).to(tl.int64)
-    slot = tl.load(slot_ptr + b).to(tl.int64)
-    dst = slot * stride_rs + (p % cap) * stride_rt + kvh * stride_rh + rd
-    tl.store(kr_ptr + dst, tl.load(kn_ptr + b * stride_nb + kvh * stride_nh + rd))
-    tl.store(vr_ptr + dst, tl.load(vn_ptr + b * stride_nb + kvh * stride_nh + rd))
+             (acc / tl.maximum(L, 1e-30)[:, None]).to(o_ptr.dtype.element_ty), mask=mg[:, None])
 
 
 def decode_splits(batch: int, kv_heads: int, window: int, sms: int = 132) -> int:
     """How many pieces to cut each window into so that about two waves of programs run."""
     want = max(1, (2 * sms) // max(1, batch * kv_heads))
-    return int(min(32, triton.next_power_of_2(want), max(1, window // 256)))
+    return int(min(64, triton.next_power_of_2(want), max(1, window // 128)))
 
 
-def swa_ring_decode(
+def swa_paged_decode(
     q: torch.Tensor,
     k_new: torch.Tensor,
     v_new: torch.Tensor,
-    k_ring: torch.Tensor,
-    v_ring: torch.Tensor,
+    cache: torch.Tensor,
+    block_table: torch.Tensor,
     positions: torch.Tensor,
-    slots: torch.Tensor,
     window: int,
     scale: float | None = None,
     nsplit: int | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Decode attention for B sequences; writes each new K/V into its ring afterwards.
+    """Decode attention for B sequences; stores each new K/V in its ring.
 
-    q [B, Hq, D] (RoPE applied); k_new, v_new [B, Hkv, D]; rings [slots, cap, Hkv, D];
-    positions [B]: absolute position of the new token; slots [B]. Returns [B, Hq, D].
+    q [B, Hq, D] (RoPE applied); k_new, v_new [B, Hkv, D]; cache [num_blocks, Hkv, block_size, 2D];
+    block_table [B, ring_blocks]: each sequence's ring pages; positions [B]: token index of the new
+    token in its sequence. Returns [B, Hq, D].
     """
     B, Hq, D = q.shape
-    Hkv, cap = k_ring.shape[2], k_ring.shape[1]
-    if cap < window - 1:
-        raise ValueError(f"ring of {cap} rows cannot hold a window of {window}")
+    Hkv = cache.shape[1]
+    bs, cap = _ring_shape(cache, block_table, D, window)
+    if k_new.stride() != v_new.stride() or k_new.stride(-1) != 1:
+        raise ValueError("k_new and v_new need the same strides and unit stride over head_dim")
     G = Hq // Hkv
     GP = max(16, triton.next_power_of_2(G))
     nsplit = nsplit or decode_splits(B, Hkv, window)
     split_len = triton.cdiv(window - 1, nsplit)
     scale = D**-0.5 if scale is None else scale
-    f32 = dict(dtype=torch.float32, device=q.device)
-    m = torch.empty(B, Hkv, nsplit, GP, **f32)
-    lsum = torch.empty(B, Hkv, nsplit, GP, **f32)
-    acc = torch.empty(B, Hkv, nsplit, GP, D, **f32)
     o = torch.empty_like(q) if out is None else out
-    for t in (k_new, v_new):
-        if t.stride() != k_new.stride() or t.stride(-1) != 1:
-            raise ValueError("k_new and v_new need the same strides and unit stride over head_dim")
-    if k_ring.stride() != v_ring.stride():
-        raise ValueError("K and V rings need the same strides")
-    rs = k_ring.stride()
+    f32 = dict(dtype=torch.float32, device=q.device)
+    n = 1 if nsplit == 1 else nsplit  # partials are unused with one split
+    m = torch.empty(B, Hkv, n, GP, **f32)
+    lsum = torch.empty(B, Hkv, n, GP, **f32)
+    acc = torch.empty(B, Hkv, n, GP, D, **f32) if nsplit > 1 else m
+    cs = cache.stride()
+    BN = 64 if q.is_cuda else 4
     _swa_decode_split_kernel[(B, Hkv, nsplit)](
-        q, k_new, v_new, k_ring, v_ring, positions, slots, m, lsum, acc,
-        q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), rs[0], rs[1], rs[2],
-        cap, window, split_len, scale,
-        NSPLIT=nsplit, G=G, GP=GP, D=D, BN=64, num_warps=4,
+        q, k_new, v_new, cache, block_table, positions, m, lsum, acc, o,
+        q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), cs[0], cs[1], cs[2], block_table.stride(0),
+        o.stride(0), o.stride(1), bs, cap, window, split_len, scale,
+        NSPLIT=nsplit, G=G, GP=GP, D=D, BN=BN, TWO_PAGES=BN <= bs, num_warps=4,
     )
-    _swa_decode_merge_kernel[(B, Hkv)](
-        m, lsum, acc, o, k_new, v_new, k_ring, v_ring, positions, slots,
-        o.stride(0), o.stride(1), k_new.stride(0), k_new.stride(1), rs[0], rs[1], rs[2], cap,
-        NSPLIT=nsplit, G=G, GP=GP, D=D, num_warps=4,
-    )
+    if nsplit > 1:
+        DB = min(D, 32)
+        _swa_decode_merge_kernel[(B, Hkv, D // DB)](m, lsum, acc, o, o.stride(0), o.stride(1),
+                                                    NSPLIT=nsplit, G=G, GP=GP, D=D, DB=DB, num_warps=4)
     return o
 
 
 @triton.jit
 def _swa_prefill_kernel(
-    q_ptr, k_ptr, v_ptr, kr_ptr, vr_ptr, cu_ptr, start_ptr, slot_ptr, o_ptr,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_rs, stride_rt, stride_rh, stride_ot, stride_oh,
-    cap, W, scale,
-    G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, c_ptr, bt_ptr, cu_ptr, start_ptr, m_ptr, l_ptr, acc_ptr, o_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_cb, stride_ch, stride_ct, stride_bt, stride_ot, stride_oh,
+    T, bs, cap, W, scale,
+    NSPLIT: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, BMT: tl.constexpr, D: tl.constexpr,
+    BN: tl.constexpr,
 ):
     qb = tl.program_id(0)
-    h = tl.program_id(1)
-    n = tl.program_id(2)
-    kvh = h // G
+    kvh = tl.program_id(1)
+    n = tl.program_id(2) // NSPLIT
+    s = tl.program_id(2) % NSPLIT
     s0 = tl.load(cu_ptr + n).to(tl.int64)
-    L = tl.load(cu_ptr + n + 1).to(tl.int64) - s0
-    if qb * BM >= L:
+    # token indices in int32 (the ring arithmetic divides per key); only addresses are int64
+    L = (tl.load(cu_ptr + n + 1) - tl.load(cu_ptr + n)).to(tl.int32)
+    if qb * BMT >= L:
         return
-    start = tl.load(start_ptr + n).to(tl.int64)
-    slot = tl.load(slot_ptr + n).to(tl.int64)
-    ri = qb * BM + tl.arange(0, BM)
-    mi = ri < L
+    start = tl.load(start_ptr + n).to(tl.int32)
+    # tile rows: BMT query tokens x GP heads of this KV group
+    r = tl.arange(0, BMT * GP)
+    ti = qb * BMT + r // GP
+    hi = kvh * G + r % GP
+    valid = (ti < L) & (r % GP < G)
     rd = tl.arange(0, D)
-    q = tl.load(q_ptr + (s0 + ri)[:, None] * stride_qt + h * stride_qh + rd[None, :], mask=mi[:, None], other=0.0)
-    p_i = start + ri
-    last = start + tl.minimum(qb * BM + BM, L) - 1
-    lo = tl.maximum(start + qb * BM - W + 1, 0)
-    m_i = tl.full([BM], NEG, tl.float32)
-    l_i = tl.zeros([BM], tl.float32)
-    acc = tl.zeros([BM, D], tl.float32)
-    for j0 in range(lo, last + 1, BN):
+    q = tl.load(q_ptr + (s0 + ti)[:, None] * stride_qt + hi[:, None] * stride_qh + rd[None, :],
+                mask=valid[:, None], other=0.0)
+    p_i = start + ti
+    last = start + tl.minimum(qb * BMT + BMT, L)  # exclusive end of this block's keys
+    lo = tl.maximum(start + qb * BMT - W + 1, 0)
+    piece = tl.cdiv(tl.cdiv(last - lo, NSPLIT), BN) * BN
+    k_lo = lo + s * piece
+    k_hi = tl.minimum(k_lo + piece, last)
+    m_i = tl.full([BMT * GP], NEG, tl.float32)
+    l_i = tl.zeros([BMT * GP], tl.float32)
+    acc = tl.zeros([BMT * GP, D], tl.float32)
+    table = bt_ptr + n * stride_bt
+    for j0 in range(k_lo, k_hi, BN):
         pj = j0 + tl.arange(0, BN)
         in_ring = pj < start
-        in_chunk = (pj >= start) & (pj <= last)
-        ring_off = slot * stride_rs + (pj % cap)[:, None] * stride_rt + kvh * stride_rh + rd[None, :]
-        chunk_off = (s0 + pj - start)[:, None] * stride_kt + kvh * stride_kh + rd[None, :]
-        k = tl.load(kr_ptr + ring_off, mask=in_ring[:, None], other=0.0) + tl.load(
-            k_ptr + chunk_off, mask=in_chunk[:, None], other=0.0)
-        v = tl.load(vr_ptr + ring_off, mask=in_ring[:, None], other=0.0) + tl.load(
-            v_ptr + chunk_off, mask=in_chunk[:, None], other=0.0)
+        in_chunk = (pj >= start) & (pj < k_hi)
+        row = pj % cap
+        blk = tl.load(table + row // bs, mask=in_ring, other=0).to(tl.int64)
+        ring = c_ptr + kvh * stride_ch + blk[:, None] * stride_cb + (row % bs)[:, None] * stride_ct + rd[None, :]
+        chunk = (s0 + pj - start)[:, None] * stride_kt + kvh * stride_kh + rd[None, :]
+        k = tl.load(ring, mask=in_ring[:, None], other=0.0).to(q.dtype) + tl.load(
+            k_ptr + chunk, mask=in_chunk[:, None], other=0.0)
+        v = tl.load(ring + D, mask=in_ring[:, None], other=0.0).to(q.dtype) + tl.load(
+            v_ptr + chunk, mask=in_chunk[:, None], other=0.0)
         qk = tl.dot(q, tl.trans(k)) * scale
         diff = p_i[:, None] - pj[None, :]
-        ok = (diff >= 0) & (diff < W) & (pj[None, :] <= last)
+        ok = (diff >= 0) & (diff < W) & (pj < k_hi)[None, :]
         qk = tl.where(ok, qk, NEG)
         m_new = tl.maximum(m_i, tl.max(qk, 1))
-        pr = tl.exp(qk - m_new[:, None])
-        pr = tl.where(ok, pr, 0.0)
+        pr = tl.where(ok, tl.exp(qk - m_new[:, None]), 0.0)
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(pr, 1)
         acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v)
         m_i = m_new
-    out = acc / tl.maximum(l_i, 1e-30)[:, None]
-    tl.store(o_ptr + (s0 + ri)[:, None] * stride_ot + h * stride_oh + rd[None, :], out.to(o_ptr.dtype.element_ty),
-             mask=mi[:, None])
+    if NSPLIT == 1:
+        out = acc / tl.maximum(l_i, 1e-30)[:, None]
+        tl.store(o_ptr + (s0 + ti)[:, None] * stride_ot + hi[:, None] * stride_oh + rd[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=valid[:, None])
+    else:
+        idx = (s * T + s0 + ti) * (tl.num_programs(1) * G) + hi  # partials [NSPLIT, T, Hq]
+        tl.store(m_ptr + idx, m_i, mask=valid)
+        tl.store(l_ptr + idx, l_i, mask=valid)
+        tl.store(acc_ptr + idx[:, None] * D + rd[None, :], acc, mask=valid[:, None])
+
+
+@triton.jit
+def _swa_prefill_merge_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, T, stride_ot, stride_oh,
+                              NSPLIT: tl.constexpr, HQ: tl.constexpr, HP: tl.constexpr, D: tl.constexpr):
+    t = tl.program_id(0)
+    rh = tl.arange(0, HP)
+    mh = rh < HQ
+    rd = tl.arange(0, D)
+    M = tl.full([HP], NEG, tl.float32)
+    for s in tl.static_range(NSPLIT):
+        M = tl.maximum(M, tl.load(m_ptr + (s * T + t) * HQ + rh, mask=mh, other=NEG))
+    L = tl.zeros([HP], tl.float32)
+    acc = tl.zeros([HP, D], tl.float32)
+    for s in tl.static_range(NSPLIT):
+        idx = (s * T + t) * HQ + rh
+        w = tl.exp(tl.load(m_ptr + idx, mask=mh, other=NEG) - M)
+        L += w * tl.load(l_ptr + idx, mask=mh, other=0.0)
+        acc += w[:, None] * tl.load(acc_ptr + idx[:, None] * D + rd[None, :], mask=mh[:, None], other=0.0)
+    tl.store(o_ptr + t * stride_ot + rh[:, None] * stride_oh + rd[None, :],
+             (acc / tl.maximum(L, 1e-30)[:, None]).to(o_ptr.dtype.element_ty), mask=mh[:, None])
 
 
 @triton.jit
 def _ring_write_kernel(
-    k_ptr, v_ptr, kr_ptr, vr_ptr, cu_ptr, start_ptr, slot_ptr,
-    stride_kt, stride_kh, stride_rs, stride_rt, stride_rh, cap,
-    HKV: tl.constexpr, D: tl.constexpr, BT: tl.constexpr,
+    k_ptr, v_ptr, c_ptr, bt_ptr, cu_ptr, start_ptr,
+    stride_kt, stride_kh, stride_cb, stride_ch, stride_ct, stride_bt, bs, cap,
+    D: tl.constexpr, BT: tl.constexpr,
 ):
     tb = tl.program_id(0)
-    n = tl.program_id(1)
+    kvh = tl.program_id(1)
+    n = tl.program_id(2)
     s0 = tl.load(cu_ptr + n).to(tl.int64)
     L = tl.load(cu_ptr + n + 1).to(tl.int64) - s0
     start = tl.load(start_ptr + n).to(tl.int64)
-    slot = tl.load(slot_ptr + n).to(tl.int64)
     rt = tb * BT + tl.arange(0, BT)
     keep = (rt < L) & (rt >= L - cap)
     rd = tl.arange(0, D)
-    for hh in tl.static_range(HKV):
-        src = (s0 + rt)[:, None] * stride_kt + hh * stride_kh + rd[None, :]
-        dst = slot * stride_rs + ((start + rt) % cap)[:, None] * stride_rt + hh * stride_rh + rd[None, :]
-        tl.store(kr_ptr + dst, tl.load(k_ptr + src, mask=keep[:, None]), mask=keep[:, None])
-        tl.store(vr_ptr + dst, tl.load(v_ptr + src, mask=keep[:, None]), mask=keep[:, None])
+    row = (start + rt) % cap
+    blk = tl.load(bt_ptr + n * stride_bt + row // bs, mask=keep, other=0).to(tl.int64)
+    dst = c_ptr + blk[:, None] * stride_cb + kvh * stride_ch + (row % bs)[:, None] * stride_ct + rd[None, :]
+    src = (s0 + rt)[:, None] * stride_kt + kvh * stride_kh + rd[None, :]
+    ty = c_ptr.dtype.element_ty
+    tl.store(dst, tl.load(k_ptr + src, mask=keep[:, None]).to(ty), mask=keep[:, None])
+    tl.store(dst + D, tl.load(v_ptr + src, mask=keep[:, None]).to(ty), mask=keep[:, None])
 
 
-def swa_ring_prefill(
+def prefill_splits(query_blocks: int, kv_heads: int, key_span: int, sms: int = 132) -> int:
+    """Key-range pieces per query block: enough programs for about two waves, pieces >= 512 keys."""
+    want = max(1, (2 * sms) // max(1, query_blocks * kv_heads))
+    return int(min(16, triton.next_power_of_2(want), max(1, key_span // 512)))
+
+
+def swa_paged_prefill(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    k_ring: torch.Tensor,
-    v_ring: torch.Tensor,
+    cache: torch.Tensor,
+    block_table: torch.Tensor,
     cu_seqlens: torch.Tensor,
     start_pos: torch.Tensor,
-    slots: torch.Tensor,
     max_len: int,
     window: int,
     scale: float | None = None,
+    nsplit: int | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Chunked-prefill attention over a packed varlen batch, then the ring update.
 
-    q [T, Hq, D], k/v [T, Hkv, D] (RoPE applied); cu_seqlens [N+1]; start_pos [N]: absolute position
-    of each sequence's first new token (its ring holds the tokens before it); slots [N].
+    q [T, Hq, D], k/v [T, Hkv, D] (RoPE applied); cu_seqlens [N+1]; start_pos [N]: token index of
+    each sequence's first new token (its ring holds the tokens before it); block_table [N, ring_blocks].
     """
     T, Hq, D = q.shape
-    Hkv, cap = k_ring.shape[2], k_ring.shape[1]
-    if cap < window - 1:
-        raise ValueError(f"ring of {cap} rows cannot hold a window of {window}")
-    if k.stride() != v.stride() or k_ring.stride() != v_ring.stride():
-        raise ValueError("K and V need the same strides (chunk and ring)")
+    Hkv = cache.shape[1]
+    bs, cap = _ring_shape(cache, block_table, D, window)
+    if k.stride() != v.stride():
+        raise ValueError("k and v need the same strides")
     N = cu_seqlens.numel() - 1
+    G = Hq // Hkv
+    GP = triton.next_power_of_2(G)
     scale = D**-0.5 if scale is None else scale
     o = torch.empty_like(q) if out is None else out
-    rs = k_ring.stride()
-    # short chunks (a streaming frame) need small query blocks to give the GPU enough programs
-    BM, BN = ((64 if max_len > 2048 else 16), 64) if q.is_cuda else (16, 16)
-    _swa_prefill_kernel[(triton.cdiv(max_len, BM), Hq, N)](
-        q, k, v, k_ring, v_ring, cu_seqlens, start_pos, slots, o,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), rs[0], rs[1], rs[2], o.stride(0), o.stride(1),
-        cap, window, scale, G=Hq // Hkv, D=D, BM=BM, BN=BN, num_warps=4, num_stages=2,
+    # 128 tile rows on the GPU (16 tokens x 8 heads at the 4B shapes); small tiles in the interpreter
+    BMT = max(1, (128 if q.is_cuda else 16) // GP)
+    BN = 64 if q.is_cuda else 16
+    qblocks = triton.cdiv(max_len, BMT)
+    if nsplit is None:
+        nsplit = prefill_splits(qblocks * N, Hkv, window + BMT) if q.is_cuda else 1
+    f32 = dict(dtype=torch.float32, device=q.device)
+    if nsplit > 1:
+        m, lsum, acc = torch.empty(nsplit, T, Hq, **f32), torch.empty(nsplit, T, Hq, **f32), torch.empty(
+            nsplit, T, Hq, D, **f32)
+    else:
+        m = lsum = acc = o
+    cs = cache.stride()
+    _swa_prefill_kernel[(qblocks, Hkv, N * nsplit)](
+        q, k, v, cache, block_table, cu_seqlens, start_pos, m, lsum, acc, o,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cs[0], cs[1], cs[2], block_table.stride(0),
+        o.stride(0), o.stride(1), T, bs, cap, window, scale,
+        NSPLIT=nsplit, G=G, GP=GP, BMT=BMT, D=D, BN=BN, num_warps=8 if q.is_cuda else 4, num_stages=2,
     )
+    if nsplit > 1:
+        _swa_prefill_merge_kernel[(T,)](m, lsum, acc, o, T, o.stride(0), o.stride(1),
+                                        NSPLIT=nsplit, HQ=Hq, HP=triton.next_power_of_2(Hq), D=D, num_warps=4)
     BT = 64
-    _ring_write_kernel[(triton.cdiv(max_len, BT), N)](
-        k, v, k_ring, v_ring, cu_seqlens, start_pos, slots,
-        k.stride(0), k.stride(1), rs[0], rs[1], rs[2], cap, HKV=Hkv, D=D, BT=BT,
+    _ring_write_kernel[(triton.cdiv(max_len, BT), Hkv, N)](
+        k, v, cache, block_table, cu_seqlens, start_pos,
+        k.stride(0), k.stride(1), cs[0], cs[1], cs[2], block_table.stride(0), bs, cap, D=D, BT=BT,
     )
     return o
 
 
-# -- torch references -------------------------------------------------------------------------------
-
-
-def _ring_past(k_ring, v_ring, slot: int, p: int, window: int):
-    """Positions and K/V of the previous min(W-1, p) tokens of a sequence, read from its ring."""
-    cap = k_ring.shape[1]
-    past = torch.arange(max(0, p - window + 1), p, device=k_ring.device)
-    rows = past % cap
-    return past, k_ring[slot, rows], v_ring[slot, rows]
-
-
-def swa_ring_decode_ref(
-    q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_ring: torch.Tensor, v_ring: torch.Tensor,
-    positions: list[int], slots: list[int], window: int,
+def swa_paged_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor,
+    query_start_loc: list[int], starts: list[int], window: int, scale: float, out: torch.Tensor,
 ) -> torch.Tensor:
-    """Truth for ``swa_ring_decode`` (float64 math, rings updated in place)."""
+    """A vLLM step's SWA attention over a mixed batch (host lists of query starts and past lengths).
+
+    Decode-only requests (one token) that come first, as vLLM orders them, take the decode kernel;
+    the rest one varlen prefill launch. Requests with no tokens are skipped.
+    """
+    n = len(starts)
+    lens = [query_start_loc[i + 1] - query_start_loc[i] for i in range(n)]
+    nd = 0
+    while nd < n and lens[nd] == 1:
+        nd += 1
+    dev = q.device
+    if nd:
+        a = query_start_loc[nd]
+        swa_paged_decode(q[:a], k[:a], v[:a], cache, block_table[:nd], torch.tensor(starts[:nd], device=dev),
+                         window, scale, out=out[:a])
+    rest = [i for i in range(nd, n) if lens[i] > 0]
+    if rest:
+        a, b = query_start_loc[rest[0]], query_start_loc[rest[-1] + 1]
+        cu = torch.tensor([query_start_loc[i] - a for i in range(rest[0], rest[-1] + 2)], device=dev)
+        swa_paged_prefill(q[a:b], k[a:b], v[a:b], cache, block_table[rest[0] : rest[-1] + 1], cu,
+                          torch.tensor(starts[rest[0] : rest[-1] + 1], device=dev), max(lens[i] for i in rest),
+                          window, scale, out=out[a:b])
+    return out
+
+
+# -- torch references: ring.py's per-sequence attention (float64 math, cache updated in place) ------
+
+
+def swa_paged_decode_ref(q, k_new, v_new, cache, block_table, positions: list[int], window: int,
+                         scale: float | None = None) -> torch.Tensor:
+    """Truth for ``swa_paged_decode``."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     outs = []
-    for i, (p, slot) in enumerate(zip(positions, slots)):
-        past, kp, vp = _ring_past(k_ring, v_ring, slot, p, window)
-        kk = torch.cat([kp, k_new[i : i + 1]]).double()
-        vv = torch.cat([vp, v_new[i : i + 1]]).double()
-        here = torch.tensor([p], device=q.device)
-        pos = torch.cat([past, here])
-        outs.append(sliding_window_attention(q[i : i + 1].double(), kk, vv, here, pos, window))
-    for i, (p, slot) in enumerate(zip(positions, slots)):
-        k_ring[slot, p % k_ring.shape[1]] = k_new[i]
-        v_ring[slot, p % k_ring.shape[1]] = v_new[i]
+    for i, p in enumerate(positions):
+        ring = PagedRing(cache, block_table[i].long(), q.shape[-1])
+        outs.append(ring_decode_attention(q[i : i + 1].double(), k_new[i : i + 1].double(),
+                                          v_new[i : i + 1].double(), ring, p, window, scale))
     return torch.cat(outs)
 
 
-def swa_ring_prefill_ref(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_ring: torch.Tensor, v_ring: torch.Tensor,
-    cu_seqlens: list[int], start_pos: list[int], slots: list[int], window: int,
-) -> torch.Tensor:
-    """Truth for ``swa_ring_prefill`` (float64 math, rings updated in place)."""
-    cap = k_ring.shape[1]
+def swa_paged_prefill_ref(q, k, v, cache, block_table, cu_seqlens: list[int], start_pos: list[int], window: int,
+                          scale: float | None = None) -> torch.Tensor:
+    """Truth for ``swa_paged_prefill``."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     out = torch.empty(q.shape, dtype=torch.float64, device=q.device)
-    for n, slot in enumerate(slots):
-        s, e, p0 = cu_seqlens[n], cu_seqlens[n + 1], start_pos[n]
-        past, kp, vp = _ring_past(k_ring, v_ring, slot, p0, window)
-        qpos = torch.arange(p0, p0 + e - s, device=q.device)
-        out[s:e] = sliding_window_attention(
-            q[s:e].double(), torch.cat([kp, k[s:e]]).double(), torch.cat([vp, v[s:e]]).double(),
-            qpos, torch.cat([past, qpos]), window,
-        )
-        for t in range(max(0, e - s - cap), e - s):
-            k_ring[slot, (p0 + t) % cap] = k[s + t]
-            v_ring[slot, (p0 + t) % cap] = v[s + t]
+    for n, p0 in enumerate(start_pos):
+        s, e = cu_seqlens[n], cu_seqlens[n + 1]
+        if e == s:
+            continue
+        ring = PagedRing(cache, block_table[n].long(), q.shape[-1])
+        out[s:e] = ring_prefill_attention(q[s:e].double(), k[s:e].double(), v[s:e].double(), ring, p0, window,
+                                          scale)
     return out
