@@ -27,12 +27,13 @@ from infinitevl_vllm.demo import free_port
 
 API_KEY = "test-key"
 MODEL = "infinitevl"
+SERVER_LOG: dict[str, Path] = {}
 
 
 @pytest.fixture(scope="module")
 def server(tiny_ckpt, tmp_path_factory):
     port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "server.log"
+    log = SERVER_LOG["path"] = tmp_path_factory.mktemp("serve") / "server.log"
     cmd = [str(Path(sys.executable).with_name("infinitevl-vllm")), "serve", str(tiny_ckpt), "--host", "127.0.0.1",
            "--port", str(port), "--api-key", API_KEY, "--served-model-name", MODEL, "--max-model-len", "4096",
            "--enforce-eager", "--dtype", "float32", "--limit-mm-per-prompt", '{"image": 2, "video": 1}',
@@ -92,6 +93,24 @@ def test_models_health_metrics(server, client):
         assert r.status == 200
     with urllib.request.urlopen(server + "/metrics") as r:
         assert b"vllm:num_requests_running" in r.read()
+
+
+def _metric(server, name: str) -> float:
+    with urllib.request.urlopen(server + "/metrics") as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no {name} metric")
+
+
+def test_state_pool_in_startup_log_and_metrics(server, client):
+    """The pool is visible: the start-up line and infinitevl:state_* gauges (tiny checkpoint, float32:
+    68 blocks of 2 x 128 KiB = 17 MiB per sequence, 60 slots in the default 1 GiB pool)."""
+    assert "InfiniteVL state pool: 60 sequence slots of 17.00 MiB each" in SERVER_LOG["path"].read_text()
+    assert_still_serving(client)
+    assert _metric(server, "infinitevl:state_bytes_per_sequence") == 17 * 2**20
+    assert _metric(server, "infinitevl:state_slots_total") == 60
+    assert _metric(server, "infinitevl:state_slots_used") + _metric(server, "infinitevl:state_slots_free") == 60
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
