@@ -198,8 +198,12 @@ class _Meta:
 class SessionManager:
     """Sessions of one API server: creation within capacity, serialized appends, forked questions."""
 
-    def __init__(self, engine, max_sessions: int, image_limit: int, max_model_len: int):
+    def __init__(self, engine, max_sessions: int, image_limit: int, max_model_len: int,
+                 served_models: Sequence[str] = ("model",), default_sampling_params: dict | None = None):
         self.engine = engine
+        self.served_models = list(served_models)
+        self.model_name = self.served_models[0]
+        self.default_sampling_params = default_sampling_params or {}
         self.max_sessions = max_sessions
         self.per_request = frames_per_request(image_limit, max_model_len)
         self.sessions: dict[str, _Meta] = {}
