@@ -40,7 +40,8 @@ def server(tmp_path_factory):
            "--max-model-len", "4096", "--enforce-eager", "--dtype", "float32", "--max-num-seqs", "8",
            "--limit-mm-per-prompt", '{"image": 4, "video": 0}']
     env = {k: v for k, v in os.environ.items() if k != "VLLM_PLUGINS"}
-    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # a core pinned by another engine on this host must not starve ours
+    # vLLM pins a CPU engine to core 0; another engine pinned there on a shared host would starve ours
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     base = f"http://127.0.0.1:{port}"
