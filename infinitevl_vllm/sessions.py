@@ -192,6 +192,7 @@ class _Meta:
     def view(self) -> dict:
         return {"id": self.id, "object": "session", "created": int(self.created), "frames": self.frames,
                 "tokens": self.tokens, "state_bytes": self.state_bytes, "idle_timeout_s": self.idle_timeout_s,
+                "appending": self.appending,
                 "idle_s": round(0.0 if self.in_flight else time.monotonic() - self.last_used, 3)}
 
 

@@ -130,6 +130,7 @@ async def append_frames(sid: str, request: Request):
 async def chat(sid: str, request: Request):
     from pydantic import ValidationError
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.sampling_params import RequestOutputKind
 
     mgr = _manager(request)
     mgr.get(sid)
@@ -144,6 +145,7 @@ async def chat(sid: str, request: Request):
         raise SessionError(400, "n must be 1 for a session question")
     max_tokens = req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS
     params = req.to_sampling_params(max_tokens, mgr.default_sampling_params)
+    params.output_kind = RequestOutputKind.CUMULATIVE  # _sse sends the differences itself
     messages = body["messages"]
     model = mgr.model_name
     if req.stream:

@@ -189,16 +189,20 @@ def test_concurrent_append_409_then_the_next_append_succeeds(server, session):
     results = {}
 
     def long_append():
-        results["first"] = call("POST", f"{server}/{session}/frames", {"frames": [frame_url(k) for k in range(8)]})
+        results["first"] = call("POST", f"{server}/{session}/frames", {"frames": frames})
 
+    frames = [frame_url(k) for k in range(32)]  # 8 engine requests of 4 frames: seconds of prefill
     t = threading.Thread(target=long_append)
     t.start()
-    time.sleep(1.0)
+    deadline = time.time() + 60
+    while not call("GET", f"{server}/{session}")[1]["appending"]:
+        assert time.time() < deadline and t.is_alive(), "the first append never showed as running"
+        time.sleep(0.02)
     st, err = call("POST", f"{server}/{session}/frames", {"frames": [frame_url(99)]})
     t.join()
-    assert st == 409, err
-    assert results["first"][0] == 200 and results["first"][1]["frames"] == 8
-    assert call("POST", f"{server}/{session}/frames", {"frames": [frame_url(99)]})[1]["frames"] == 9
+    assert st == 409 and "previous append" in err["error"]["message"], err
+    assert results["first"][0] == 200 and results["first"][1]["frames"] == 32
+    assert call("POST", f"{server}/{session}/frames", {"frames": [frame_url(99)]})[1]["frames"] == 33
 
 
 def test_no_free_slot_429_until_one_is_deleted(server):
