@@ -222,3 +222,6 @@ def register() -> None:
     _report_state_pool()
     _refuse_remote_media_unless_allowed()
     _refuse_decompression_bombs()
+    from .sessions_worker import install as install_sessions
+
+    install_sessions()

@@ -24,6 +24,7 @@ from vllm.v1.attention.backend import (
     CommonAttentionMetadata,
 )
 
+from .sessions_worker import ring_token_offsets
 from .state import ring_blocks
 from .state_manager import RingKVSpec
 
@@ -31,7 +32,7 @@ from .state_manager import RingKVSpec
 @dataclass
 class RingAttentionMetadata(AttentionMetadata):
     query_start_loc: list[int]
-    starts: list[int]  # tokens of each sequence before this step
+    starts: list[int]  # ring token index of each sequence's first token in this step
     ring_block_ids: torch.Tensor  # [num_reqs, ring_blocks]
 
 
@@ -45,9 +46,13 @@ class RingAttentionMetadataBuilder(AttentionMetadataBuilder[RingAttentionMetadat
         n = md.num_reqs
         qsl = md.query_start_loc_cpu[: n + 1].tolist()
         seq_lens = md.seq_lens[:n].cpu().tolist()  # tokens of each sequence after this step
+        starts = [seq_lens[i] - (qsl[i + 1] - qsl[i]) for i in range(n)]
+        offsets = ring_token_offsets(n)  # a streaming session's request continues its session's ring
+        if offsets is not None:
+            starts = [s + o for s, o in zip(starts, offsets)]
         return RingAttentionMetadata(
             query_start_loc=qsl,
-            starts=[seq_lens[i] - (qsl[i + 1] - qsl[i]) for i in range(n)],
+            starts=starts,
             ring_block_ids=md.block_table_tensor[:n, : self.kv_cache_spec.ring_blocks].long(),
         )
 

@@ -1,0 +1,112 @@
+"""A live stream through one session: N frames (448 x 448, each one distinct) appended to one
+``StreamSession`` of an in-process engine (tiny checkpoint, the release's 8192-token window), with the
+process tree's RSS and the frames/s recorded along the stream, and one question answered at the end.
+
+    .venv/bin/python benchmarks/stream_session.py [--frames 10000] [--every 250] \\
+        [--out benchmarks/results/stream_session.json]
+
+Frames go in appends of --batch frames (one vLLM request each). RSS is the whole process tree's (the
+engine runs in this process). The session's state is the same number of bytes after any number of
+frames; the question shows the session still answers at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from cpu_engine import TreeRSS
+
+
+def distinct_frame(k: int, size: int = 448):
+    """Frame k of a synthetic video: a moving gradient plus seeded noise (no two frames alike, so no
+    cache in vLLM can reuse one frame's work for another)."""
+    from PIL import Image
+
+    x = np.arange(size, dtype=np.int32)
+    base = ((x[None, :, None] + x[:, None, None] + 7 * k) % 256).astype(np.uint8)
+    noise = np.random.default_rng(k).integers(0, 32, (size, size, 3), dtype=np.uint8)
+    return Image.fromarray(np.broadcast_to(base, (size, size, 3)) + noise)
+
+
+def run_stream(llm, frames: int, every: int = 250, batch: int = 8, log=print, on_point=None,
+               seconds: float | None = None) -> dict:
+    """Append `frames` frames (or as many as fit in `seconds`), recording a point every `every`."""
+    from vllm import SamplingParams
+
+    from infinitevl_vllm.sessions import StreamSession
+
+    points = []
+    with TreeRSS(interval=0.5) as rss, StreamSession(llm) as session:
+        start = last_t = time.perf_counter()
+        last_n, done = 0, 0
+        while done < frames:
+            n = min(batch, frames - done)
+            info = session.append([distinct_frame(done + i) for i in range(n)])
+            done += n
+            if done % every == 0 or done == frames:
+                now = time.perf_counter()
+                point = {"frames": done, "tokens": info["tokens"], "seconds": round(now - start, 2),
+                         "frames_per_s": round((done - last_n) / (now - last_t), 3),
+                         "rss_bytes": rss.current(), "state_bytes": info["state_bytes"]}
+                points.append(point)
+                log(json.dumps(point))
+                if on_point is not None:
+                    on_point(points)
+                last_t, last_n = now, done
+                if seconds is not None and now - start > seconds:
+                    break
+        t = time.perf_counter()
+        out = session.ask("What happened in the video?", SamplingParams(max_tokens=16, temperature=0.0))
+        ask_s = time.perf_counter() - t
+    return {"points": points, "final_frames": done, "ask_seconds": round(ask_s, 3),
+            "answer_tokens": len(out.outputs[0].token_ids), "peak_rss_bytes": rss.peak}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--frames", type=int, default=10000)
+    p.add_argument("--every", type=int, default=250, help="record a point every this many frames")
+    p.add_argument("--batch", type=int, default=8, help="frames per append")
+    p.add_argument("--checkpoint", default=None, help="default: a fresh tiny checkpoint")
+    p.add_argument("--seconds", type=float, default=None, help="stop after the first point past this time")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/stream_session.json"))
+    a = p.parse_args(argv)
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLM
+
+    from infinitevl_vllm.checkpoint import make_checkpoint
+
+    ckpt = a.checkpoint or make_checkpoint(tempfile.mkdtemp(prefix="stream_ckpt_"), "tiny", seed=0)
+    llm = LLM(model=str(ckpt), enforce_eager=True, dtype="float32", max_model_len=4096, max_num_seqs=2,
+              limit_mm_per_prompt={"image": a.batch, "video": 0}, enable_prefix_caching=False, seed=0)
+    def write(result: dict) -> None:
+        """Written after every point, so a run cut short still leaves its numbers."""
+        pts = result["points"]
+        tenth = max(q["rss_bytes"] for q in pts[: max(1, len(pts) // 10)])
+        doc = {
+            "what": "one streaming session: frames appended in order, RSS and frames/s along the stream",
+            "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+            "model": "tiny InfiniteVL checkpoint (seeded random weights), window 8192, float32, CPU, in-process",
+            "frames_requested": a.frames, "batch": a.batch, "complete": "ask_seconds" in result,
+            "rss_max_over_first_tenth": round(max(q["rss_bytes"] for q in pts) / tenth, 4),
+            **result,
+        }
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(doc, indent=1) + "\n")
+
+    result = run_stream(llm, a.frames, a.every, a.batch, on_point=lambda pts: write({"points": pts}),
+                        seconds=a.seconds)
+    write(result)
+    print(f"{result['final_frames']} frames; wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

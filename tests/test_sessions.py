@@ -1,0 +1,161 @@
+"""Streaming video sessions, offline (``StreamSession`` over one in-process ``vllm.LLM``) and the
+stream's position rule.
+
+The checkpoint's window is 320 tokens, less than two frames (256 tokens each), so every session
+below wraps its SWA rings: the equalities hold only if the rings, the GDN states and the positions
+are all carried from request to request.
+
+Tolerance: answers are compared as greedy token ids, exactly (float32 on CPU; the session path and
+the single request differ only in how the prefill is cut into chunks). The chosen tokens' logprobs
+are compared within 1e-3.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from infinitevl_vllm.streaming import FRAME_TOKENS, SessionError, StreamCursor, question_text, stream_positions
+
+WINDOW = 320
+QUESTION = "What happened?"
+
+
+def frame(seed: int):
+    from PIL import Image
+
+    return Image.fromarray((np.random.default_rng(seed).random((448, 448, 3)) * 255).astype("uint8"))
+
+
+# -- the position rule, no engine ------------------------------------------------------------------
+def test_first_frame_and_following_text_get_qwen_single_image_positions():
+    """One frame after text is positioned exactly as Qwen2.5-VL positions one image."""
+    prompt = [1] * 5 + [2] * FRAME_TOKENS + [3] * 4
+    pos, after = stream_positions(prompt, [(5, 16, 16)], StreamCursor())
+    assert pos[:, :5].tolist() == [list(range(5))] * 3
+    assert (pos[0, 5:261] == 5).all()
+    assert pos[1, 5:261].tolist() == [5 + i for i in range(16) for _ in range(16)]
+    assert pos[2, 5:261].tolist() == [5 + j for _ in range(16) for j in range(16)]
+    assert pos[:, 261:].tolist() == [[21, 22, 23, 24]] * 3
+    assert (after.tokens, after.frames, after.next_pos) == (265, 1, 25)
+
+
+def test_between_frames_only_the_temporal_row_advances():
+    prompt = [2] * (3 * FRAME_TOKENS)
+    spans = [(k * FRAME_TOKENS, 16, 16) for k in range(3)]
+    pos, _ = stream_positions(prompt, spans, StreamCursor(tokens=7, next_pos=7, next_t=7))
+    frames = pos.reshape(3, 3, FRAME_TOKENS)  # rows x frames x tokens
+    assert [int(frames[0, k, 0]) for k in range(3)] == [7, 8, 9]
+    assert (frames[1:, 1] == frames[1:, 0]).all() and (frames[1:, 2] == frames[1:, 0]).all()
+
+
+def test_rule_applied_piecewise_equals_rule_applied_at_once():
+    """The session's cursor makes frames one by one + question position like one request holding it all."""
+    prefix, question = [1] * 6, [4] * 9
+    whole = prefix + [2] * (40 * FRAME_TOKENS) + question
+    spans = [(6 + k * FRAME_TOKENS, 16, 16) for k in range(40)]
+    at_once, end = stream_positions(whole, spans, StreamCursor())
+    pieces, cursor = [], StreamCursor()
+    p, cursor = stream_positions(prefix, [], cursor)
+    pieces.append(p)
+    for _ in range(40):
+        p, cursor = stream_positions([2] * FRAME_TOKENS, [(0, 16, 16)], cursor)
+        pieces.append(p)
+    p, cursor = stream_positions(question, [], cursor)
+    pieces.append(p)
+    assert np.array_equal(np.concatenate(pieces, axis=1), at_once)
+    assert cursor == end and end.frames == 40 and end.tokens == len(whole)
+    assert int(at_once[:, -len(question)]. max()) == 6 + 40  # text resumes after the last frame's time
+
+
+def test_question_format_and_refusals():
+    assert question_text([{"role": "user", "content": "Hi?"}]) == \
+        "<|vision_end|>Hi?<|im_end|>\n<|im_start|>assistant\n"
+    for bad in ([], [{"role": "assistant", "content": "x"}], [{"role": "system", "content": "x"}],
+                [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]):
+        with pytest.raises(SessionError) as e:
+            question_text(bad)
+        assert e.value.status == 400
+
+
+# -- offline twin ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    import os
+
+    from infinitevl_vllm.checkpoint import make_checkpoint
+    from tests.vllm_helpers import make_llm
+
+    ckpt = make_checkpoint(tmp_path_factory.mktemp("w320"), "tiny", seed=0, sliding_window=WINDOW)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    engine = make_llm(ckpt, limit_mm_per_prompt={"image": 8, "video": 0}, max_num_batched_tokens=512)
+    yield engine
+    del engine
+    import vllm.envs
+
+    os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    vllm.envs.disable_envs_cache()
+
+
+def greedy(n: int = 8):
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=n, temperature=0.0, logprobs=0)
+
+
+def chosen_logprobs(out) -> list[float]:
+    o = out.outputs[0]
+    return [lp[t].logprob for t, lp in zip(o.token_ids, o.logprobs)]
+
+
+def test_frames_one_by_one_then_ask_equals_one_request_with_everything(llm):
+    from infinitevl_vllm.sessions import StreamSession, oneshot
+
+    frames = [frame(s) for s in range(4)]
+    single = oneshot(llm, frames, QUESTION, greedy())
+    with StreamSession(llm) as s:
+        for f in frames:
+            s.append([f])
+        info = s.info()
+        streamed = s.ask(QUESTION, greedy())
+    assert info["frames"] == 4 and info["tokens"] > 4 * FRAME_TOKENS > WINDOW  # the rings wrapped
+    assert len(streamed.prompt_token_ids) + info["tokens"] == len(single.prompt_token_ids)
+    assert list(streamed.outputs[0].token_ids) == list(single.outputs[0].token_ids)
+    torch.testing.assert_close(chosen_logprobs(streamed), chosen_logprobs(single), atol=1e-3, rtol=0)
+    # and the frames matter: the same question on the stream without its first frame answers otherwise
+    other = oneshot(llm, frames[1:], QUESTION, greedy())
+    assert chosen_logprobs(other) != pytest.approx(chosen_logprobs(single), abs=1e-3)
+
+
+def test_asking_does_not_change_the_session(llm):
+    """Ask twice: same answer. Frames appended after a question: as if it was never asked."""
+    from infinitevl_vllm.sessions import StreamSession
+
+    a, b = [frame(s) for s in (10, 11)], [frame(s) for s in (12, 13)]
+    with StreamSession(llm) as asked, StreamSession(llm) as never_asked:
+        asked.append(a)
+        never_asked.append(a)
+        first, second = asked.ask(QUESTION, greedy()), asked.ask(QUESTION, greedy())
+        assert list(first.outputs[0].token_ids) == list(second.outputs[0].token_ids)
+        assert asked.info()["tokens"] == never_asked.info()["tokens"]
+        asked.append(b)
+        never_asked.append(b)
+        after = asked.ask("And then?", greedy())
+        expected = never_asked.ask("And then?", greedy())
+    assert list(after.outputs[0].token_ids) == list(expected.outputs[0].token_ids)
+    torch.testing.assert_close(chosen_logprobs(after), chosen_logprobs(expected), atol=1e-3, rtol=0)
+
+
+def test_a_bad_frame_is_refused_before_it_reaches_the_state(llm):
+    from infinitevl_vllm.sessions import StreamSession
+
+    with StreamSession(llm) as s:
+        s.append([frame(20)])
+        before, answer = s.info(), s.ask(QUESTION, greedy())
+        with pytest.raises(SessionError) as e:
+            s.append([frame(21), "data:image/png;base64,bm8gaW1hZ2U="])
+        assert e.value.status == 400 and "frames[1]" in e.value.message
+        assert s.info() == before
+        assert list(s.ask(QUESTION, greedy()).outputs[0].token_ids) == list(answer.outputs[0].token_ids)
+        assert s.append([frame(21)])["frames"] == 2  # and the session goes on

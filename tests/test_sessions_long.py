@@ -1,0 +1,38 @@
+"""10,000 frames (2.56 M tokens) through one streaming session on CPU: memory stays flat and the
+session still answers. Slow (hours on 2 shared cores): `make test-slow`. The same run with numbers
+along the stream: benchmarks/stream_session.py -> benchmarks/results/stream_session.json."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+FRAMES = 10_000
+
+
+@pytest.mark.slow
+def test_ten_thousand_frames_through_one_session_with_flat_rss(tiny_ckpt):
+    from stream_session import run_stream
+    from vllm_helpers import make_llm
+
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    try:
+        llm = make_llm(tiny_ckpt, max_num_seqs=2, limit_mm_per_prompt={"image": 8, "video": 0})
+        run = run_stream(llm, FRAMES, every=250, batch=8, log=lambda line: None)
+    finally:
+        import vllm.envs
+
+        os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+        vllm.envs.disable_envs_cache()
+    points = run["points"]
+    assert run["final_frames"] == FRAMES and run["answer_tokens"] > 0
+    assert len({p["state_bytes"] for p in points}) == 1  # the session's state never grows
+    first_tenth = max(p["rss_bytes"] for p in points[: len(points) // 10])
+    assert max(p["rss_bytes"] for p in points) <= 1.05 * first_tenth, (
+        f"RSS grew from {first_tenth / 2**30:.2f} GiB in the first tenth to "
+        f"{max(p['rss_bytes'] for p in points) / 2**30:.2f} GiB")
