@@ -215,8 +215,10 @@ def install() -> None:
 
     def wrap_update_states(update_states):
         def update_states_with_sessions(self, scheduler_output):
+            global _active
             result = update_states(self, scheduler_output)
             store = getattr(self, "_infinitevl_sessions", None)
+            _active = store  # this runner's sessions only: another engine of this process must not leak in
             if store is None and not any(_session_args(self.requests.get(r))
                                          for r in scheduler_output.num_scheduled_tokens):
                 return result
