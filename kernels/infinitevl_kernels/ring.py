@@ -53,12 +53,16 @@ class PagedRing:
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
             ) -> torch.Tensor:
-    """q [Tq,Hq,D], k/v [Tk,Hkv,D], mask [Tq,Tk] bool or None -> [Tq,Hq,D]; grouped heads are not copied."""
+    """q [Tq,Hq,D], k/v [Tk,Hkv,D], mask [Tq,Tk] bool or None -> [Tq,Hq,D]; grouped heads are not copied.
+
+    Half-precision inputs are attended in float32: in bf16 a request's greedy tokens depended on the
+    batch it ran in (CPU, tiny checkpoint); in float32 they do not."""
+    dt = torch.promote_types(q.dtype, torch.float32)
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1)[None], k.transpose(0, 1)[None].to(q.dtype), v.transpose(0, 1)[None].to(q.dtype),
+        q.transpose(0, 1)[None].to(dt), k.transpose(0, 1)[None].to(dt), v.transpose(0, 1)[None].to(dt),
         attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
     )
-    return out[0].transpose(0, 1)
+    return out[0].transpose(0, 1).to(q.dtype)
 
 
 def _check_capacity(ring: PagedRing, window: int) -> None:
