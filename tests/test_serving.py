@@ -9,11 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import signal
 import struct
-import subprocess
-import sys
 import time
 import urllib.request
 import zlib
@@ -22,8 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
-from infinitevl_vllm.demo import free_port
+from vllm_helpers import running_server
 
 API_KEY = "test-key"
 MODEL = "infinitevl"
@@ -32,33 +27,11 @@ SERVER_LOG: dict[str, Path] = {}
 
 @pytest.fixture(scope="module")
 def server(tiny_ckpt, tmp_path_factory):
-    port = free_port()
     log = SERVER_LOG["path"] = tmp_path_factory.mktemp("serve") / "server.log"
-    cmd = [str(Path(sys.executable).with_name("infinitevl-vllm")), "serve", str(tiny_ckpt), "--host", "127.0.0.1",
-           "--port", str(port), "--api-key", API_KEY, "--served-model-name", MODEL, "--max-model-len", "4096",
-           "--enforce-eager", "--dtype", "float32", "--limit-mm-per-prompt", '{"image": 2, "video": 1}',
-           "--max-num-seqs", "8"]
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 600
-        while True:
-            assert proc.poll() is None, f"server exited: {log.read_text()[-2000:]}"
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2):
-                    break
-            except OSError:
-                assert time.time() < deadline, "server did not become healthy in 600 s"
-                time.sleep(1)
+    with running_server([str(tiny_ckpt), "--api-key", API_KEY, "--served-model-name", MODEL, "--max-model-len",
+                         "4096", "--enforce-eager", "--dtype", "float32", "--limit-mm-per-prompt",
+                         '{"image": 2, "video": 1}', "--max-num-seqs", "8"], log) as base:
         yield base
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.fixture(scope="module")

@@ -8,20 +8,15 @@ import base64
 import io
 import json
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-
-from infinitevl_vllm.demo import free_port
+from vllm_helpers import running_server
 
 API_KEY = "sessions-key"
 MODEL = "infinitevl"
@@ -33,36 +28,14 @@ def server(tmp_path_factory):
     from infinitevl_vllm.checkpoint import make_checkpoint
 
     ckpt = make_checkpoint(tmp_path_factory.mktemp("w320http"), "tiny", seed=0, sliding_window=320)
-    port = free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    cmd = [str(Path(sys.executable).with_name("infinitevl-vllm")), "serve", str(ckpt), "--max-sessions", "2",
-           "--host", "127.0.0.1", "--port", str(port), "--api-key", API_KEY, "--served-model-name", MODEL,
-           "--max-model-len", "4096", "--enforce-eager", "--dtype", "float32", "--max-num-seqs", "8",
-           "--limit-mm-per-prompt", '{"image": 4, "video": 0}']
     env = {k: v for k, v in os.environ.items() if k != "VLLM_PLUGINS"}
     # vLLM pins a CPU engine to core 0; another engine pinned there on a shared host would starve ours
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 600
-        while True:
-            assert proc.poll() is None, f"server exited: {log.read_text()[-3000:]}"
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2):
-                    break
-            except OSError:
-                assert time.time() < deadline, "server did not become healthy in 600 s"
-                time.sleep(1)
+    with running_server([str(ckpt), "--max-sessions", "2", "--api-key", API_KEY, "--served-model-name", MODEL,
+                         "--max-model-len", "4096", "--enforce-eager", "--dtype", "float32", "--max-num-seqs", "8",
+                         "--limit-mm-per-prompt", '{"image": 4, "video": 0}'], log, env) as base:
         yield base + "/v1/sessions"
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def call(method: str, url: str, body=None, key: str | None = API_KEY, raw: bytes | None = None):

@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -75,3 +84,35 @@ def prompt_logprobs_of(output) -> list[float]:
     for tok, lp in zip(output.prompt_token_ids[1:], output.prompt_logprobs[1:]):
         out.append(lp[tok].logprob)
     return out
+
+
+@contextlib.contextmanager
+def running_server(serve_args: list[str], log: Path, env: dict | None = None):
+    """`infinitevl-vllm serve ...` on a free 127.0.0.1 port; yields its base URL once /health answers and
+    stops the whole process group on exit."""
+    from infinitevl_vllm.demo import free_port
+
+    port = free_port()
+    cmd = [str(Path(sys.executable).with_name("infinitevl-vllm")), "serve", *serve_args,
+           "--host", "127.0.0.1", "--port", str(port)]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 600
+        while True:
+            assert proc.poll() is None, f"server exited: {log.read_text()[-3000:]}"
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=2):
+                    break
+            except OSError:
+                assert time.time() < deadline, "server did not become healthy in 600 s"
+                time.sleep(1)
+        yield base
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
