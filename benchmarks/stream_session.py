@@ -1,13 +1,14 @@
 """A live stream through one session: N frames (448 x 448, each one distinct) appended to one
 ``StreamSession`` of an in-process engine (tiny checkpoint, the release's 8192-token window), with the
-process tree's RSS and the frames/s recorded along the stream, and one question answered at the end.
+process tree's RSS, the frames/s and the latency of one question recorded along the stream.
 
     .venv/bin/python benchmarks/stream_session.py [--frames 10000] [--every 250] \\
         [--out benchmarks/results/stream_session.json]
 
 Frames go in appends of --batch frames (one vLLM request each). RSS is the whole process tree's (the
-engine runs in this process). The session's state is the same number of bytes after any number of
-frames; the question shows the session still answers at the end.
+engine runs in this process). At every point the same question is asked (greedy, 16 tokens, on a
+fork: the stream is not changed by it), so the record shows what a client waits for an answer after
+that many frames. Writes the JSON after every point (a run cut short keeps its numbers) and a plot.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def run_stream(llm, frames: int, every: int = 250, batch: int = 8, log=print, on
 
     from infinitevl_vllm.sessions import StreamSession
 
+    question = SamplingParams(max_tokens=16, temperature=0.0)
     points = []
     with TreeRSS(interval=0.5) as rss, StreamSession(llm) as session:
         start = last_t = time.perf_counter()
@@ -50,23 +52,49 @@ def run_stream(llm, frames: int, every: int = 250, batch: int = 8, log=print, on
             n = min(batch, frames - done)
             info = session.append([distinct_frame(done + i) for i in range(n)])
             done += n
-            if done % every == 0 or done == frames:
+            if done // every > (done - n) // every or done == frames:  # crossed a multiple of `every`
                 now = time.perf_counter()
+                out = session.ask("What happened in the video?", question)
+                ask_s = time.perf_counter() - now
                 point = {"frames": done, "tokens": info["tokens"], "seconds": round(now - start, 2),
                          "frames_per_s": round((done - last_n) / (now - last_t), 3),
+                         "ask_seconds": round(ask_s, 3), "answer_tokens": len(out.outputs[0].token_ids),
                          "rss_bytes": rss.current(), "state_bytes": info["state_bytes"]}
                 points.append(point)
                 log(json.dumps(point))
                 if on_point is not None:
                     on_point(points)
-                last_t, last_n = now, done
+                last_t, last_n = time.perf_counter(), done
                 if seconds is not None and now - start > seconds:
                     break
-        t = time.perf_counter()
-        out = session.ask("What happened in the video?", SamplingParams(max_tokens=16, temperature=0.0))
-        ask_s = time.perf_counter() - t
-    return {"points": points, "final_frames": done, "ask_seconds": round(ask_s, 3),
-            "answer_tokens": len(out.outputs[0].token_ids), "peak_rss_bytes": rss.peak}
+    return {"points": points, "final_frames": done, "peak_rss_bytes": rss.peak}
+
+
+def plot(doc: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = doc["points"]
+    x = [p["frames"] for p in pts]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, key, scale, label, color in (
+            (axes[0], "rss_bytes", 2**-30, "RSS of the process (GiB)", "tab:blue"),
+            (axes[1], "frames_per_s", 1, "frames appended per second", "tab:green"),
+            (axes[2], "ask_seconds", 1, "seconds to answer (16 tokens)", "tab:orange")):
+        y = [p[key] * scale for p in pts]
+        ax.plot(x, y, "o-", ms=3, color=color)
+        ax.set_ylim(0, max(y) * 1.3)
+        ax.set_xlabel("frames in the session (256 tokens each)")
+        ax.set_ylabel(label)
+    axes[0].set_title("Memory along the stream")
+    axes[1].set_title("Append rate")
+    axes[2].set_title("Asking a question after N frames")
+    fig.suptitle(f"One streaming session, InfiniteVL tiny on vLLM CPU ({doc['machine']['cpus']} cores)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,12 +122,13 @@ def main(argv: list[str] | None = None) -> int:
             "what": "one streaming session: frames appended in order, RSS and frames/s along the stream",
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
             "model": "tiny InfiniteVL checkpoint (seeded random weights), window 8192, float32, CPU, in-process",
-            "frames_requested": a.frames, "batch": a.batch, "complete": "ask_seconds" in result,
+            "frames_requested": a.frames, "batch": a.batch, "complete": "final_frames" in result,
             "rss_max_over_first_tenth": round(max(q["rss_bytes"] for q in pts) / tenth, 4),
             **result,
         }
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(doc, indent=1) + "\n")
+        plot(doc, a.out.with_suffix(".png"))
 
     result = run_stream(llm, a.frames, a.every, a.batch, on_point=lambda pts: write({"points": pts}),
                         seconds=a.seconds)

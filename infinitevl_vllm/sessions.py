@@ -23,6 +23,7 @@ from .streaming import (
     DEFAULT_SYSTEM,
     EXTRA_ARGS_KEY,
     FRAME_SIZE,
+    FRAME_UUID_PREFIX,
     SessionError,
     append_text,
     decode_frame,
@@ -86,11 +87,16 @@ def session_params(sid: str | None, op: str, params: SamplingParams | None = Non
     return params
 
 
-def append_request(sid: str, images: list, text: str | None = None) -> tuple[dict, SamplingParams]:
-    prompt: dict = {"prompt": append_text(len(images), text)}
+def _frames_prompt(text: str, images: list) -> dict:
+    prompt: dict = {"prompt": text}
     if images:
         prompt["multi_modal_data"] = {"image": images}
-    return prompt, session_params(sid, "append")
+        prompt["multi_modal_uuids"] = {"image": [FRAME_UUID_PREFIX + uuid.uuid4().hex for _ in images]}
+    return prompt
+
+
+def append_request(sid: str, images: list, text: str | None = None) -> tuple[dict, SamplingParams]:
+    return _frames_prompt(append_text(len(images), text), images), session_params(sid, "append")
 
 
 def ask_request(sid: str, messages: list[dict], params: SamplingParams) -> tuple[dict, SamplingParams]:
@@ -102,10 +108,7 @@ def oneshot_request(images: list, messages: list[dict], params: SamplingParams,
     """One stand-alone request holding a whole stream and the question, under the stream's position
     rule: what a session that got these frames and this question must answer."""
     text = prefix_text(system) + append_text(len(images)) + question_text(messages)
-    prompt: dict = {"prompt": text}
-    if images:
-        prompt["multi_modal_data"] = {"image": images}
-    return prompt, session_params(None, "oneshot", params)
+    return _frames_prompt(text, images), session_params(None, "oneshot", params)
 
 
 def _new_id() -> str:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .streaming import EXTRA_ARGS_KEY, StreamCursor, stream_positions
+from .streaming import EXTRA_ARGS_KEY, FRAME_UUID_PREFIX, StreamCursor, stream_positions
 
 logger = logging.getLogger("vllm.infinitevl_vllm.sessions")
 
@@ -206,7 +206,10 @@ def _session_args(req) -> dict | None:
 
 
 def install() -> None:
-    """Patch vLLM's runner, worker and GDN metadata builder (once per process)."""
+    """Patch vLLM's runner, worker and GDN metadata builder, and keep session frames out of the
+    multimodal processor caches (once per process; the front end's and the engine's caches skip the
+    same keys, so they stay mirrored)."""
+    from vllm.multimodal.cache.base import BaseMultiModalCache
     from vllm.v1.attention.backends.gdn_attn import GDNAttentionMetadataBuilder
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
     from vllm.v1.worker.gpu_worker import Worker
@@ -272,6 +275,15 @@ def install() -> None:
         store = store_of(self.model_runner)
         return getattr(store, op)(*args)
 
+    def wrap_cache_if_fits(cache_if_fits):
+        def cache_unless_session_frame(self, cache, key, value):
+            if isinstance(key, str) and key.startswith(FRAME_UUID_PREFIX):
+                return False
+            return cache_if_fits(self, cache, key, value)
+
+        return cache_unless_session_frame
+
+    _patch_once(BaseMultiModalCache, "cache_if_fits", wrap_cache_if_fits)
     _patch_once(GPUModelRunner, "_update_states", wrap_update_states)
     _patch_once(GPUModelRunner, "execute_model", wrap_execute)
     _patch_once(GDNAttentionMetadataBuilder, "build", wrap_gdn_build)

@@ -34,6 +34,9 @@ VISION_START = "<|vision_start|>"
 VISION_END = "<|vision_end|>"
 DEFAULT_SYSTEM = "You are a helpful assistant."
 EXTRA_ARGS_KEY = "infinitevl_session"
+# Frames never repeat, so vLLM's multimodal processor cache (default 4 GiB, filled at about 1.2 MB a
+# frame) would only grow with them: frames carry ids with this prefix, which the cache skips.
+FRAME_UUID_PREFIX = "infinitevl-frame-"
 OPS = ("append", "ask", "oneshot")  # oneshot: one stand-alone request under the stream's position rule
 
 

@@ -7,7 +7,8 @@ are all carried from request to request.
 
 Tolerance: answers are compared as greedy token ids, exactly (float32 on CPU; the session path and
 the single request differ only in how the prefill is cut into chunks). The chosen tokens' logprobs
-are compared within 1e-3.
+are compared within 1e-3; against the reference model (its plain matmuls and attention sum in
+another order than vLLM's kernels) within 2e-3, the tolerance of test_vllm_model.py.
 """
 
 from __future__ import annotations
@@ -81,13 +82,18 @@ def test_question_format_and_refusals():
 
 # -- offline twin ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory):
+def ckpt(tmp_path_factory):
+    from infinitevl_vllm.checkpoint import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("w320"), "tiny", seed=0, sliding_window=WINDOW)
+
+
+@pytest.fixture(scope="module")
+def llm(ckpt):
     import os
 
-    from infinitevl_vllm.checkpoint import make_checkpoint
     from tests.vllm_helpers import make_llm
 
-    ckpt = make_checkpoint(tmp_path_factory.mktemp("w320"), "tiny", seed=0, sliding_window=WINDOW)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     engine = make_llm(ckpt, limit_mm_per_prompt={"image": 8, "video": 0}, max_num_batched_tokens=512)
     yield engine
@@ -128,6 +134,52 @@ def test_frames_one_by_one_then_ask_equals_one_request_with_everything(llm):
     assert chosen_logprobs(other) != pytest.approx(chosen_logprobs(single), abs=1e-3)
 
 
+def test_a_session_answers_as_the_reference_model_fed_the_same_stream(llm, ckpt):
+    """The truth for a session is the reference model (no vLLM) fed the same pieces in order, its
+    state carried from piece to piece, at the stream rule's positions, then decoding greedily."""
+    from transformers import AutoProcessor
+
+    from infinitevl_vllm.checkpoint import load_reference
+    from infinitevl_vllm.sessions import StreamSession
+    from infinitevl_vllm.streaming import DEFAULT_SYSTEM, append_text, prefix_text
+    from tests.vllm_helpers import reference_inputs
+
+    frames = [frame(s) for s in (30, 31, 32)]
+    ref, processor = load_reference(ckpt, dtype=torch.float32), AutoProcessor.from_pretrained(ckpt)
+    state, cursor = ref.new_state(), StreamCursor()
+
+    def feed(text: str, images=None) -> torch.Tensor:
+        nonlocal cursor
+        mm = reference_inputs(processor, text, images)
+        ids = mm.input_ids.tolist()
+        starts = [i for i, t in enumerate(ids) if t == ref.config.image_token_id
+                  and (i == 0 or ids[i - 1] != ref.config.image_token_id)]
+        spans = [(o, 16, 16) for o in starts]
+        positions, cursor = stream_positions(ids, spans, cursor)
+        with torch.no_grad():
+            return ref.logits(ref.decode_hidden(ref.embed(mm), torch.from_numpy(positions), state))
+
+    feed(prefix_text(DEFAULT_SYSTEM))
+    for f in frames:
+        feed(append_text(1), [f])
+    streamed_tokens = state.num_tokens
+    logits = [feed(question_text([{"role": "user", "content": QUESTION}]))[-1]]
+    tokens = [int(logits[-1].argmax())]
+    state.rope_delta = cursor.next_pos - state.num_tokens
+    while len(tokens) < 8:
+        logits.append(ref.step(tokens[-1], state))
+        tokens.append(int(logits[-1].argmax()))
+    expected = [float(torch.log_softmax(lg.double(), -1)[t]) for lg, t in zip(logits, tokens)]
+
+    with StreamSession(llm) as s:
+        for f in frames:
+            s.append([f])
+        assert s.info()["tokens"] == streamed_tokens  # the same token stream went in
+        out = s.ask(QUESTION, greedy())
+    assert list(out.outputs[0].token_ids) == tokens
+    torch.testing.assert_close(chosen_logprobs(out), expected, atol=2e-3, rtol=0)
+
+
 def test_asking_does_not_change_the_session(llm):
     """Ask twice: same answer. Frames appended after a question: as if it was never asked."""
     from infinitevl_vllm.sessions import StreamSession
@@ -159,3 +211,21 @@ def test_a_bad_frame_is_refused_before_it_reaches_the_state(llm):
         assert s.info() == before
         assert list(s.ask(QUESTION, greedy()).outputs[0].token_ids) == list(answer.outputs[0].token_ids)
         assert s.append([frame(21)])["frames"] == 2  # and the session goes on
+
+
+def test_frames_stay_out_of_vllms_multimodal_processor_cache(llm):
+    """Frames never repeat: caching them (about 1.2 MB each, up to vLLM's default 4 GiB) would make a
+    session's memory grow for thousands of frames. Ordinary images are still cached."""
+    from vllm import SamplingParams
+
+    from infinitevl_vllm.sessions import StreamSession
+
+    cache = llm.llm_engine.renderer.mm_processor_cache
+    entries = len(cache._cache)  # the LRU cache's entry count (no public accessor)
+    with StreamSession(llm) as s:
+        s.append([frame(40), frame(41)])
+        s.ask(QUESTION, greedy(2))
+    assert len(cache._cache) == entries
+    image = {"prompt": "<|vision_start|><|image_pad|><|vision_end|>Hi", "multi_modal_data": {"image": frame(42)}}
+    llm.generate([image], SamplingParams(max_tokens=1), use_tqdm=False)
+    assert len(cache._cache) == entries + 1

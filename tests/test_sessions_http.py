@@ -50,9 +50,9 @@ def call(method: str, url: str, body=None, key: str | None = API_KEY, raw: bytes
         return e.code, json.loads(e.read() or b"null")
 
 
-def frame_url(seed: int) -> str:
+def frame_url(seed: int, size: tuple[int, int] = (300, 400)) -> str:
     buf = io.BytesIO()
-    Image.fromarray((np.random.default_rng(seed).random((300, 400, 3)) * 255).astype("uint8")).save(buf, "PNG")
+    Image.fromarray((np.random.default_rng(seed).random((*size, 3)) * 255).astype("uint8")).save(buf, "PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
@@ -84,6 +84,20 @@ def test_lifecycle_and_a_question_does_not_change_the_state(server, session):
     assert st == 204
     st, err = call("GET", f"{server}/{sid}")
     assert st == 404 and "does not exist" in err["error"]["message"]
+
+
+def test_one_frame_then_a_question_answers_like_a_chat_completion_with_that_image(server, session):
+    """For one frame the stream's positions are Qwen2.5-VL's single-image ones and the session's prompt
+    is the chat template's, so the session must answer as /v1/chat/completions does (greedy, exactly)."""
+    url = frame_url(8, size=(448, 448))  # a frame's own size: neither side resizes it
+    assert call("POST", f"{server}/{session}/frames", {"frames": [url]})[0] == 200
+    st, streamed = call("POST", f"{server}/{session}/chat", Q)
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": Q["messages"][0]["content"]}]
+    chat = Q | {"model": MODEL, "messages": [{"role": "user", "content": content}]}
+    st2, plain = call("POST", server.removesuffix("/sessions") + "/chat/completions", chat)
+    assert st == st2 == 200
+    assert streamed["usage"]["prompt_tokens"] < plain["usage"]["prompt_tokens"]  # the frame was in the state
+    assert answer(streamed) == answer(plain) and streamed["usage"]["completion_tokens"] == 6
 
 
 def test_frames_after_a_question_answer_as_if_it_was_never_asked(server):

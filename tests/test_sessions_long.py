@@ -1,5 +1,5 @@
 """10,000 frames (2.56 M tokens) through one streaming session on CPU: memory stays flat and the
-session still answers. Slow (hours on 2 shared cores): `make test-slow`. The same run with numbers
+session answers along the way. Slow (about 40 min on 2 cores): `make test-slow`. The same run with numbers
 along the stream: benchmarks/stream_session.py -> benchmarks/results/stream_session.json."""
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ def test_ten_thousand_frames_through_one_session_with_flat_rss(tiny_ckpt):
         os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
         vllm.envs.disable_envs_cache()
     points = run["points"]
-    assert run["final_frames"] == FRAMES and run["answer_tokens"] > 0
+    assert run["final_frames"] == FRAMES
+    assert all(p["answer_tokens"] > 0 for p in points)  # a question after every 250 frames was answered
     assert len({p["state_bytes"] for p in points}) == 1  # the session's state never grows
     first_tenth = max(p["rss_bytes"] for p in points[: len(points) // 10])
     assert max(p["rss_bytes"] for p in points) <= 1.05 * first_tenth, (

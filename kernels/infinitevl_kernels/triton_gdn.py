@@ -11,8 +11,9 @@ in one launch (initial conv state read by slot, final one written back in place)
 recurrence to fla's chunked kernel on CUDA (initial states read by slot; the final states are
 written back by slot), or to the torch chunked reference elsewhere.
 
-Every function here has its torch reference in ``gdn_batch`` / ``gdn`` (see ``*_ref`` below) and
-``tests/test_triton_kernels.py`` compares them under ``TRITON_INTERPRET=1``.
+Every function here has its torch reference in ``gdn_batch`` (``gdn_decode_batch``,
+``gdn_forward_batch``); ``tests/triton/test_triton_kernels.py`` compares them, run in float64, under
+``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
@@ -20,12 +21,11 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .gdn import causal_conv1d, gdn_chunked, gdn_gates, l2norm
-from .gdn_batch import GDNShape
+from .gdn import gdn_chunked, gdn_gates
+from .gdn_batch import GDNBatch, GDNShape, gdn_forward_batch
 
 
 def triton_enabled(t: torch.Tensor) -> bool:
@@ -273,15 +273,13 @@ def gdn_prefill_varlen(
     """
     H, Dk, Dv = shape.num_heads, shape.head_k_dim, shape.head_v_dim
     T = mixed_qkv.shape[0]
-    if triton_enabled(mixed_qkv):
-        y = conv_varlen_slots(mixed_qkv, conv_weight, conv_state, slots, has_initial_state, cu_seqlens, max_len)
-    else:
-        y = torch.empty_like(mixed_qkv)
-        for n, (s, e) in enumerate(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())):
-            slot = int(slots[n])
-            init = conv_state[slot].float() if bool(has_initial_state[n]) else None
-            y[s:e], new = causal_conv1d(mixed_qkv[s:e].float(), conv_weight.float(), init)
-            conv_state[slot] = new.to(conv_state.dtype)
+    if not triton_enabled(mixed_qkv):  # plain CPU: the serving path's torch code does it all
+        o = torch.empty(T, H, Dv, dtype=mixed_qkv.dtype, device=mixed_qkv.device)
+        batch = GDNBatch(cu_seqlens.tolist(), slots.tolist(), has_initial_state.tolist(), num_decodes=0)
+        gdn_forward_batch(mixed_qkv, a, b, conv_weight=conv_weight, A_log=A_log, dt_bias=dt_bias,
+                          conv_state=conv_state, ssm_state=ssm_state, batch=batch, shape=shape, out=o)
+        return o
+    y = conv_varlen_slots(mixed_qkv, conv_weight, conv_state, slots, has_initial_state, cu_seqlens, max_len)
     q, k, v = y.split([shape.key_dim, shape.key_dim, shape.value_dim], dim=-1)
     q, k, v = q.view(T, H, Dk), k.view(T, H, Dk), v.view(T, H, Dv)
     g, beta = gdn_gates(a, b, A_log, dt_bias)
@@ -305,50 +303,4 @@ def gdn_prefill_varlen(
         on, S = gdn_chunked(q[s:e].float(), k[s:e].float(), v[s:e].float(), g[s:e], beta[s:e], initial_state=S0)
         ssm_state[slot] = S.transpose(-1, -2).to(ssm_state.dtype)
         o[s:e] = on.to(o.dtype)
-    return o
-
-
-def gdn_prefill_varlen_ref(
-    mixed_qkv: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, conv_weight: torch.Tensor, A_log: torch.Tensor,
-    dt_bias: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, slots: list[int],
-    has_initial_state: list[bool], cu_seqlens: list[int], shape: GDNShape,
-) -> torch.Tensor:
-    """Plain torch, one sequence at a time in float64 (the truth for ``gdn_prefill_varlen``)."""
-    H, Dk, Dv = shape.num_heads, shape.head_k_dim, shape.head_v_dim
-    out = torch.empty(mixed_qkv.shape[0], H, Dv, dtype=torch.float64, device=mixed_qkv.device)
-    for n, slot in enumerate(slots):
-        s, e = cu_seqlens[n], cu_seqlens[n + 1]
-        init = has_initial_state[n]
-        y, new = causal_conv1d(mixed_qkv[s:e].double(), conv_weight.double(),
-                               conv_state[slot].double() if init else None)
-        conv_state[slot] = new.to(conv_state.dtype)
-        q, k, v = y.split([shape.key_dim, shape.key_dim, shape.value_dim], dim=-1)
-        g, beta = gdn_gates(a[s:e].double(), b[s:e].double(), A_log.double(), dt_bias.double())
-        S0 = ssm_state[slot].double().transpose(-1, -2) if init else None
-        o, S = gdn_chunked(q.reshape(-1, H, Dk), k.reshape(-1, H, Dk), v.reshape(-1, H, Dv), g, beta,
-                           initial_state=S0)
-        ssm_state[slot] = S.transpose(-1, -2).to(ssm_state.dtype)
-        out[s:e] = o
-    return out
-
-
-def gdn_decode_slots_ref(
-    mixed_qkv: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, conv_weight: torch.Tensor, A_log: torch.Tensor,
-    dt_bias: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, slots: torch.Tensor, shape: GDNShape,
-) -> torch.Tensor:
-    """float64 torch truth for ``gdn_decode_slots`` (gather, compute, scatter)."""
-    hist = conv_state[slots].double()
-    window = torch.cat([hist, mixed_qkv.double()[:, :, None]], dim=-1)
-    y = F.silu((window * conv_weight.double()).sum(-1))
-    conv_state[slots] = window[:, :, 1:].to(conv_state.dtype)
-    q, k, v = y.split([shape.key_dim, shape.key_dim, shape.value_dim], dim=-1)
-    B, H = a.shape
-    q, k = l2norm(q.reshape(B, H, -1)), l2norm(k.reshape(B, H, -1))
-    v = v.reshape(B, H, -1)
-    g, beta = gdn_gates(a.double(), b.double(), A_log.double(), dt_bias.double())
-    S = ssm_state[slots].double().transpose(-1, -2) * g.exp()[..., None, None]
-    pred = torch.einsum("bhkv,bhk->bhv", S, k)
-    S = S + torch.einsum("bhk,bhv->bhkv", k, beta[..., None] * (v - pred))
-    o = torch.einsum("bhkv,bhk->bhv", S, q) * shape.head_k_dim**-0.5
-    ssm_state[slots] = S.transpose(-1, -2).to(ssm_state.dtype)
     return o

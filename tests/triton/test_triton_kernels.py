@@ -10,13 +10,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from infinitevl_kernels.gdn_batch import GDNShape  # noqa: E402
-from infinitevl_kernels.triton_gdn import (  # noqa: E402
-    gdn_decode_slots,
-    gdn_decode_slots_ref,
-    gdn_prefill_varlen,
-    gdn_prefill_varlen_ref,
-)
+from infinitevl_kernels.gdn_batch import GDNBatch, GDNShape, gdn_decode_batch, gdn_forward_batch  # noqa: E402
+from infinitevl_kernels.triton_gdn import gdn_decode_slots, gdn_prefill_varlen  # noqa: E402
 from infinitevl_kernels.triton_swa import (  # noqa: E402
     swa_paged_decode,
     swa_paged_decode_ref,
@@ -55,7 +50,8 @@ def test_gdn_decode_updates_only_its_slots_in_place():
     conv_ref, ssm_ref = conv.clone(), ssm.clone()
     conv_ptr, ssm_ptr = conv.data_ptr(), ssm.data_ptr()
     o = gdn_decode_slots(x, a, b, conv_state=conv, ssm_state=ssm, slots=slots, shape=SHAPE, **params)
-    o_ref = gdn_decode_slots_ref(x, a, b, conv_state=conv_ref, ssm_state=ssm_ref, slots=slots, shape=SHAPE, **params)
+    o_ref = gdn_decode_batch(x.double(), a.double(), b.double(), conv_state=conv_ref, ssm_state=ssm_ref, slots=slots,
+                             shape=SHAPE, **params)  # the torch reference, in float64
     assert conv.data_ptr() == conv_ptr and ssm.data_ptr() == ssm_ptr
     assert rel(o, o_ref) < 1e-5
     assert rel(conv, conv_ref) < 1e-6 and rel(ssm, ssm_ref) < 1e-5
@@ -92,9 +88,10 @@ def test_gdn_prefill_varlen_from_each_slot(lens, init):
         x, a, b, conv_state=conv, ssm_state=ssm, slots=torch.tensor(slots), has_initial_state=torch.tensor(init),
         cu_seqlens=torch.tensor(cu), max_len=max(lens), shape=SHAPE, **params,
     )
-    o_ref = gdn_prefill_varlen_ref(
-        x, a, b, conv_state=conv_ref, ssm_state=ssm_ref, slots=slots, has_initial_state=init, cu_seqlens=cu,
-        shape=SHAPE, **params,
+    o_ref = torch.empty(T, SHAPE.num_heads, SHAPE.head_v_dim, dtype=torch.float64)
+    gdn_forward_batch(  # the torch reference, in float64
+        x.double(), a.double(), b.double(), conv_state=conv_ref, ssm_state=ssm_ref,
+        batch=GDNBatch(cu, slots, init, num_decodes=0), shape=SHAPE, out=o_ref, **params,
     )
     assert rel(o, o_ref) < 1e-4
     assert rel(conv, conv_ref) < 1e-6 and rel(ssm, ssm_ref) < 1e-4
