@@ -178,9 +178,11 @@ class CaptionConfig:
     enforce_eager: bool = False
 
     def engine_kwargs(self) -> dict:
+        # Each image is captioned once, so vLLM's multimodal processor cache (4 GiB by default) would
+        # only fill with images that never come back; without it vLLM also skips hashing them.
         return dict(model=self.model, max_model_len=self.max_model_len, max_num_seqs=self.batch_size,
                     limit_mm_per_prompt={"image": 1, "video": 0}, seed=self.seed, dtype=self.dtype,
-                    enforce_eager=self.enforce_eager)
+                    enforce_eager=self.enforce_eager, mm_processor_cache_gb=0)
 
 
 def in_shard(item_id: str, shard: tuple[int, int] | None) -> bool:

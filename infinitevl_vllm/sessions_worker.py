@@ -14,6 +14,11 @@ In the worker:
 - right after the step that finishes an append's prompt, the request's state is copied back into
   the store and the cursor advances. A question never writes back: it runs on a fork.
 
+A question must stay on the state it forked from even if vLLM preempts it (its slot is freed and it is
+recomputed from its first token later): when an append is about to overwrite a session that has
+questions in flight, their state is kept aside first (one copy, shared by them, freed when they finish),
+and a recomputed question starts from that copy.
+
 The store holds, per session, exactly one sequence's state (each GDN layer's conv + recurrent
 state, each SWA layer's ring blocks, copied whole so the ring's token -> row map is kept), so its
 memory is ``sessions x bytes_per_sequence``, allocated when a session is created.
@@ -41,11 +46,16 @@ class _Session:
     rings: dict[str, torch.Tensor]  # layer -> [ring_blocks, kv_heads, block_size, Dk + Dv]
     cursor: StreamCursor = field(default_factory=StreamCursor)
     created: float = field(default_factory=time.time)
+    version: int = 0  # appends written back so far
 
     @property
     def nbytes(self) -> int:
         return (sum(c.nbytes + s.nbytes for c, s in self.gdn.values())
                 + sum(r.nbytes for r in self.rings.values()))
+
+    def copy(self) -> _Session:
+        return _Session({k: (c.clone(), r.clone()) for k, (c, r) in self.gdn.items()},
+                        {k: r.clone() for k, r in self.rings.items()}, self.cursor, self.created, self.version)
 
 
 @dataclass
@@ -57,6 +67,8 @@ class _Plan:
     token_offset: int  # ring token index of the request's first token
     initial: bool  # its GDN state starts from the copied session state
     cursor_after: StreamCursor
+    version: int = 0  # the session's version this request started from
+    forked_from: _Session | None = None  # a question's state, kept once the session moved on
     written: bool = False
 
 
@@ -116,6 +128,9 @@ class SessionStore:
         """A session request's first chunk: rewrite its positions and start it from the session state."""
         sid, op = args.get("id"), args.get("op")
         session = self.sessions.get(sid) if op != "oneshot" else None
+        earlier = self.plans.get(req_id)  # set when this is a recompute after a preemption
+        if earlier is not None and earlier.forked_from is not None:
+            session = earlier.forked_from
         if op != "oneshot" and session is None:
             logger.warning("request %s names unknown session %s: runs on an empty state, writes nothing", req_id, sid)
         cursor = session.cursor if session is not None else StreamCursor()
@@ -131,7 +146,9 @@ class SessionStore:
         req.mrope_position_delta = after.next_pos - len(prompt)
         if session is not None:
             self._copy_in(session, req.block_ids)
-        self.plans[req_id] = _Plan(sid if session is not None else None, op, cursor.tokens, session is not None, after)
+        self.plans[req_id] = _Plan(sid if session is not None else None, op, cursor.tokens, session is not None, after,
+                                   version=session.version if session is not None else 0,
+                                   forked_from=earlier.forked_from if earlier is not None else None)
 
     def write_back(self, req_id: str) -> None:
         plan = self.plans.get(req_id)
@@ -141,6 +158,7 @@ class SessionStore:
         session = self.sessions.get(plan.session_id)
         if session is None:  # deleted while the append ran
             return
+        self._keep_forks(plan.session_id, session)
         for name, g in self.gdn_layers.items():
             conv, ssm = self._kv(name)[:2]
             slot = req.block_ids[g][0]
@@ -149,7 +167,17 @@ class SessionStore:
         for name, (g, blocks) in self.ring_layers.items():
             session.rings[name].copy_(self._kv(name)[list(req.block_ids[g][:blocks])])
         session.cursor = plan.cursor_after
+        session.version += 1
         plan.written = True
+
+    def _keep_forks(self, sid: str, session: _Session) -> None:
+        """Before an append overwrites `session`: its questions in flight keep the state they forked from."""
+        asking = [p for p in self.plans.values() if p.op == "ask" and p.session_id == sid
+                  and p.forked_from is None and p.version == session.version]
+        if asking:
+            kept = session.copy()
+            for p in asking:
+                p.forked_from = kept
 
     def _copy_in(self, session: _Session, block_ids) -> None:
         for name, g in self.gdn_layers.items():

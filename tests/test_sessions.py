@@ -229,3 +229,40 @@ def test_frames_stay_out_of_vllms_multimodal_processor_cache(llm):
     image = {"prompt": "<|vision_start|><|image_pad|><|vision_end|>Hi", "multi_modal_data": {"image": frame(42)}}
     llm.generate([image], SamplingParams(max_tokens=1), use_tqdm=False)
     assert len(cache._cache) == entries + 1
+
+
+def test_a_preempted_question_resumes_on_the_state_it_forked_from(llm):
+    """vLLM may preempt a question (its slot freed, recomputed later from its first token). If an append
+    of its session finishes in between, the recomputed question must still answer on the state it forked
+    from, not on the newer frames."""
+    import time
+
+    from infinitevl_vllm.sessions import StreamSession, append_request, ask_request, decode_frames
+
+    engine = llm.llm_engine
+    scheduler = engine.engine_core.engine_core.scheduler
+    messages = [{"role": "user", "content": QUESTION}]
+    with StreamSession(llm) as s:
+        s.append([frame(50)])
+        expected = s.ask(QUESTION, greedy())
+        prompt, params = ask_request(s.id, messages, greedy())
+        engine.add_request("q", prompt, params)
+        while not any(r.num_computed_tokens for r in scheduler.running):  # the question has forked
+            engine.step()
+        question = next(r for r in scheduler.running if r.request_id.startswith("q"))
+        scheduler.running.remove(question)
+        scheduler._preempt_request(question, time.monotonic())
+        scheduler.waiting.remove_request(question)  # held back until the append below has finished
+        engine.add_request("a", *append_request(s.id, decode_frames([frame(51)])))
+        while not any(o.finished and o.request_id.startswith("a") for o in engine.step()):
+            pass
+        assert s.info()["frames"] == 2  # the session moved on while the question was out
+        scheduler.waiting.prepend_request(question)
+        out = None
+        while engine.has_unfinished_requests():
+            out = next((o for o in engine.step() if o.finished), out)
+        newer = s.ask(QUESTION, greedy())  # what the newer frames answer, for contrast
+    assert question.num_preemptions == 1
+    assert list(out.outputs[0].token_ids) == list(expected.outputs[0].token_ids)
+    torch.testing.assert_close(chosen_logprobs(out), chosen_logprobs(expected), atol=1e-3, rtol=0)
+    assert chosen_logprobs(newer) != pytest.approx(chosen_logprobs(expected), abs=1e-3)

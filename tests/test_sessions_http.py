@@ -8,6 +8,8 @@ import base64
 import io
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -212,3 +214,17 @@ def test_idle_sessions_are_closed_and_their_slots_freed(server):
     assert all(sids)
     for sid in sids:
         call("DELETE", f"{server}/{sid}")
+
+
+def test_the_live_session_example_runs_against_the_server(server):
+    """examples/live_session.py, as the README shows it: appends, asks along the way, deletes its session."""
+    example = os.path.join(os.path.dirname(__file__), "..", "examples", "live_session.py")
+    run = subprocess.run([sys.executable, example, "--base-url", server.removesuffix("/sessions"), "--api-key",
+                          API_KEY, "--frames", "6", "--batch", "3", "--ask-every", "3", "--max-tokens", "4"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    sid = lines[0].removeprefix("session ")
+    assert [ln.split(":")[0] for ln in lines[1:3]] == ["after 3 frames", "after 6 frames"]
+    assert lines[3].startswith("6 frames, ")
+    assert sid not in [s["id"] for s in call("GET", server)[1]["data"]]  # it deleted its session
