@@ -35,6 +35,7 @@ MAX_SESSIONS_ENV = "INFINITEVL_MAX_SESSIONS"
 DEFAULT_MAX_SESSIONS = 8
 DEFAULT_IDLE_TIMEOUT_S = 600.0
 MAX_FRAMES_PER_REQUEST = 8  # an append of more frames runs as several requests, in order
+MAX_FRAMES_PER_APPEND = 256  # ~150 MB of decoded frames: a live source sends small appends
 
 
 def max_sessions_from_env() -> int:
@@ -67,6 +68,9 @@ def decode_frames(frames: Sequence[Any]) -> list:
     """All frames decoded before any reaches the engine, so a bad one changes nothing."""
     if not isinstance(frames, list | tuple) or not frames:
         raise SessionError(400, "frames: a non-empty list of image data URLs is required")
+    if len(frames) > MAX_FRAMES_PER_APPEND:
+        raise SessionError(400, f"frames: at most {MAX_FRAMES_PER_APPEND} frames per append (got {len(frames)}); "
+                                "send them in several appends, in order")
     return [_frame_image(f, i) for i, f in enumerate(frames)]
 
 
@@ -256,12 +260,12 @@ class SessionManager:
         if meta.appending:
             raise SessionError(409, f"session {sid} is still prefilling a previous append; send frames in order, "
                                     "one append at a time")
-        images = decode_frames(frames)
         if text is not None and not isinstance(text, str):
             raise SessionError(400, "text: must be a string")
         meta.appending = True
         meta.in_flight += 1
         try:
+            images = await asyncio.to_thread(decode_frames, frames)  # off the event loop: other clients go on
             for i in range(0, len(images), self.per_request):
                 await self._run(*append_request(sid, images[i:i + self.per_request], text if i == 0 else None),
                                 tag=f"{sid}-append")

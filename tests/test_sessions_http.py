@@ -157,6 +157,7 @@ def test_bad_frame_400_leaves_the_session_unchanged(server, session):
 def test_bad_fields_400_then_good_ones_succeed(server, session):
     bad = [("POST", "", {"idle_timeout_s": -1}), ("POST", "", {"colour": "red"}), ("POST", "", {"system": 3}),
            ("POST", f"/{session}/frames", {"frames": [frame_url(1)], "speed": 2}),
+           ("POST", f"/{session}/frames", {"frames": [frame_url(1)] * 257}),  # over the per-append limit
            ("POST", f"/{session}/chat", {"max_tokens": 3}),
            ("POST", f"/{session}/chat", Q | {"temperature": -1}),
            ("POST", f"/{session}/chat", {"messages": [{"role": "assistant", "content": "hi"}]})]
