@@ -46,7 +46,6 @@ class _Session:
     rings: dict[str, torch.Tensor]  # layer -> [ring_blocks, kv_heads, block_size, Dk + Dv]
     cursor: StreamCursor = field(default_factory=StreamCursor)
     created: float = field(default_factory=time.time)
-    version: int = 0  # appends written back so far
 
     @property
     def nbytes(self) -> int:
@@ -55,7 +54,7 @@ class _Session:
 
     def copy(self) -> _Session:
         return _Session({k: (c.clone(), r.clone()) for k, (c, r) in self.gdn.items()},
-                        {k: r.clone() for k, r in self.rings.items()}, self.cursor, self.created, self.version)
+                        {k: r.clone() for k, r in self.rings.items()}, self.cursor, self.created)
 
 
 @dataclass
@@ -67,7 +66,6 @@ class _Plan:
     token_offset: int  # ring token index of the request's first token
     initial: bool  # its GDN state starts from the copied session state
     cursor_after: StreamCursor
-    version: int = 0  # the session's version this request started from
     forked_from: _Session | None = None  # a question's state, kept once the session moved on
     written: bool = False
 
@@ -147,7 +145,6 @@ class SessionStore:
         if session is not None:
             self._copy_in(session, req.block_ids)
         self.plans[req_id] = _Plan(sid if session is not None else None, op, cursor.tokens, session is not None, after,
-                                   version=session.version if session is not None else 0,
                                    forked_from=earlier.forked_from if earlier is not None else None)
 
     def write_back(self, req_id: str) -> None:
@@ -167,13 +164,12 @@ class SessionStore:
         for name, (g, blocks) in self.ring_layers.items():
             session.rings[name].copy_(self._kv(name)[list(req.block_ids[g][:blocks])])
         session.cursor = plan.cursor_after
-        session.version += 1
         plan.written = True
 
     def _keep_forks(self, sid: str, session: _Session) -> None:
-        """Before an append overwrites `session`: its questions in flight keep the state they forked from."""
-        asking = [p for p in self.plans.values() if p.op == "ask" and p.session_id == sid
-                  and p.forked_from is None and p.version == session.version]
+        """Before an append overwrites `session`: its questions in flight keep the state they forked from.
+        A question without a kept state has seen no write-back since it began, so it forked from this one."""
+        asking = [p for p in self.plans.values() if p.op == "ask" and p.session_id == sid and p.forked_from is None]
         if asking:
             kept = session.copy()
             for p in asking:

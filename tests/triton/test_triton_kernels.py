@@ -28,6 +28,19 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+def offsets(lens: list[int]) -> list[int]:
+    """Each packed sequence's first row, and the total at the end (cu_seqlens / query_start_loc)."""
+    cu = [0]
+    for n in lens:
+        cu.append(cu[-1] + n)
+    return cu
+
+
+def random_qkv(T: int, Hq: int, Hkv: int, D: int, g: torch.Generator):
+    return (torch.randn(T, Hq, D, generator=g), torch.randn(T, Hkv, D, generator=g),
+            torch.randn(T, Hkv, D, generator=g))
+
+
 def gdn_pools(slots: int, g: torch.Generator):
     C = 2 * SHAPE.key_dim + SHAPE.value_dim
     conv = torch.randn(slots, C, 3, generator=g)
@@ -76,9 +89,7 @@ def test_gdn_decode_reads_a_transposed_conv_pool_view():
 def test_gdn_prefill_varlen_from_each_slot(lens, init):
     g = torch.Generator().manual_seed(3)
     conv, ssm, params = gdn_pools(5, g)
-    cu = [0]
-    for n in lens:
-        cu.append(cu[-1] + n)
+    cu = offsets(lens)
     slots = [3, 0, 4][: len(lens)]
     T, C = cu[-1], conv.shape[1]
     x = torch.randn(T, C, generator=g)
@@ -154,13 +165,9 @@ def test_swa_paged_prefill_matches_ring_reference(window, block, nsplit):
     Hq, Hkv, D = 4, 2, 16
     # fresh and longer than the ring; a few after many; mid-window; a single token; empty
     lens, starts = [41, 3, 9, 1, 0], [0, 30, 5, 12, 7]
-    cu = [0]
-    for n in lens:
-        cu.append(cu[-1] + n)
-    T = cu[-1]
+    cu = offsets(lens)
     cache, table = paged_ring(len(lens), window, block, Hkv, D, g)
-    q = torch.randn(T, Hq, D, generator=g)
-    k, v = torch.randn(T, Hkv, D, generator=g), torch.randn(T, Hkv, D, generator=g)
+    q, k, v = random_qkv(cu[-1], Hq, Hkv, D, g)
     ref_cache = cache.clone()
     o = swa_paged_prefill(q, k, v, cache, table, torch.tensor(cu), torch.tensor(starts), max(lens), window,
                           nsplit=nsplit)
@@ -173,8 +180,7 @@ def test_swa_paged_prefill_then_decode_equals_one_long_attention():
     """Chunk boundaries are invisible: prefill in pieces plus decodes = attention over the whole sequence."""
     g = torch.Generator().manual_seed(7)
     window, block, Hq, Hkv, D, T = 8, 3, 2, 1, 16, 40
-    q = torch.randn(T, Hq, D, generator=g)
-    k, v = torch.randn(T, Hkv, D, generator=g), torch.randn(T, Hkv, D, generator=g)
+    q, k, v = random_qkv(T, Hq, Hkv, D, g)
     cache, table = paged_ring(1, window, block, Hkv, D, g)
     outs = []
     for s, e in [(0, 11), (11, 12), (12, 30)]:
@@ -195,13 +201,9 @@ def test_swa_paged_forward_mixed_vllm_batch():
     g = torch.Generator().manual_seed(8)
     window, block, Hq, Hkv, D = 8, 3, 4, 2, 16
     lens, starts = [1, 1, 6, 0, 13], [9, 2, 4, 3, 0]
-    qsl = [0]
-    for n in lens:
-        qsl.append(qsl[-1] + n)
-    T = qsl[-1]
+    qsl = offsets(lens)
     cache, table = paged_ring(len(lens), window, block, Hkv, D, g)
-    q = torch.randn(T, Hq, D, generator=g)
-    k, v = torch.randn(T, Hkv, D, generator=g), torch.randn(T, Hkv, D, generator=g)
+    q, k, v = random_qkv(qsl[-1], Hq, Hkv, D, g)
     ref_cache = cache.clone()
     out = torch.full_like(q, math.nan)
     swa_paged_forward(q, k, v, cache, table, qsl, starts, window, D**-0.5, out)
