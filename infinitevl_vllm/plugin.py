@@ -41,6 +41,7 @@ def _engine_config_rules():
                 cache.enable_prefix_caching = False
             _fix_state_block_size(vllm_config)
             _default_cpu_state_budget(vllm_config)
+            _use_v1_model_runner()
 
     return InfiniteVLEngineConfig
 
@@ -89,6 +90,18 @@ def _report_state_pool() -> None:
 
     _patch_once(EngineCore, "_initialize_kv_caches", wrap_init)
     _patch_once(PrometheusStatLogger, "record", wrap_record)
+
+
+def _use_v1_model_runner() -> None:
+    """vLLM 0.32 runs its V2 model runner on CUDA by default; InfiniteVL's per-step hooks (streaming
+    sessions: positions, state copies, ring offsets) are written against the V1 runner, the one vLLM's
+    CPU backend runs, so an InfiniteVL engine takes V1 on every device. Set before the engine's
+    processes start (they inherit it); a user's own VLLM_USE_V2_MODEL_RUNNER is kept."""
+    import os
+
+    if "VLLM_USE_V2_MODEL_RUNNER" not in os.environ:
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        logger.info("InfiniteVL: using vLLM's V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0)")
 
 
 def _validate_local_checkpoint(model: str) -> None:

@@ -18,11 +18,13 @@ from vllm.config import CacheConfig, VllmConfig
 from vllm.model_executor.layers.attention import Attention
 from vllm.v1.attention.backend import (
     AttentionBackend,
+    AttentionCGSupport,
     AttentionImpl,
     AttentionMetadata,
     AttentionMetadataBuilder,
     CommonAttentionMetadata,
 )
+from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
 from .sessions_worker import ring_token_offsets
 from .state import ring_blocks
@@ -31,29 +33,57 @@ from .state_manager import RingKVSpec
 
 @dataclass
 class RingAttentionMetadata(AttentionMetadata):
-    query_start_loc: list[int]
-    starts: list[int]  # ring token index of each sequence's first token in this step
-    ring_block_ids: torch.Tensor  # [num_reqs, ring_blocks]
+    num_decodes: int  # the batch's first requests, one token each
+    starts: torch.Tensor  # [requests] int32: ring token index of each request's first token in this step
+    ring_block_ids: torch.Tensor  # [requests, ring_blocks] int32 (a view of the runner's block table)
+    prefill_query_start_loc: torch.Tensor | None  # [prefills + 1], counted from the first prefill token
+    max_prefill_len: int
+    query_start_loc_cpu: list[int]  # host copies, for the CPU path
+    starts_cpu: list[int] | None
 
 
 class RingAttentionMetadataBuilder(AttentionMetadataBuilder[RingAttentionMetadata]):
+    """Builds each step's ring metadata into persistent device buffers, so a decode step captured in
+    a full CUDA graph reads the current step's values on replay; the forward itself never touches
+    the host."""
+
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+    reorder_batch_threshold: int = 1  # decodes first: they take the decode kernel
+
     def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config: VllmConfig, device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        sched, comp = vllm_config.scheduler_config, vllm_config.compilation_config
+        rows = max(sched.max_num_seqs, sched.max_num_batched_tokens, comp.max_cudagraph_capture_size or 0) + 1
+        self.starts = torch.zeros(rows, dtype=torch.int32, device=device)
+        self.prefill_query_start_loc = torch.zeros(rows + 1, dtype=torch.int32, device=device)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> RingAttentionMetadata:
         md = common_attn_metadata
         n = md.num_reqs
-        qsl = md.query_start_loc_cpu[: n + 1].tolist()
-        seq_lens = md.seq_lens[:n].cpu().tolist()  # tokens of each sequence after this step
-        starts = [seq_lens[i] - (qsl[i + 1] - qsl[i]) for i in range(n)]
+        num_decodes, num_prefills, num_decode_tokens, _ = split_decodes_and_prefills(md, decode_threshold=1)
+        qsl = md.query_start_loc[: n + 1]
+        starts = self.starts[:n]
+        # tokens before this step = tokens after it - this step's; CUDA-graph padding rows (no tokens,
+        # no sequence) come out 0 and write into the null block
+        torch.sub(md.seq_lens[:n], qsl[1:] - qsl[:-1], out=starts)
+        starts.clamp_(min=0)
         offsets = ring_token_offsets(n)  # a streaming session's request continues its session's ring
         if offsets is not None:
-            starts = [s + o for s, o in zip(starts, offsets)]
+            starts += torch.tensor(offsets, dtype=torch.int32).to(self.device)
+        prefill_qsl = None
+        if num_prefills:
+            prefill_qsl = self.prefill_query_start_loc[: num_prefills + 1]
+            torch.sub(qsl[num_decodes : num_decodes + num_prefills + 1], num_decode_tokens, out=prefill_qsl)
+        on_cpu = self.device.type == "cpu"
         return RingAttentionMetadata(
-            query_start_loc=qsl,
+            num_decodes=num_decodes,
             starts=starts,
-            ring_block_ids=md.block_table_tensor[:n, : self.kv_cache_spec.ring_blocks].long(),
+            ring_block_ids=md.block_table_tensor[:n, : self.kv_cache_spec.ring_blocks],
+            prefill_query_start_loc=prefill_qsl,
+            max_prefill_len=md.max_query_len,
+            query_start_loc_cpu=md.query_start_loc_cpu[: n + 1].tolist(),
+            starts_cpu=starts.tolist() if on_cpu else None,
         )
 
 
@@ -75,18 +105,20 @@ class RingAttentionImpl(AttentionImpl[RingAttentionMetadata]):
         if attn_metadata is None:  # profiling run: no rings yet
             return output
         md = attn_metadata
-        if query.is_cuda:  # the Triton kernels on the same paged ring (benchmarks/gpu_h100.py times them)
+        if query.is_cuda:  # the Triton kernels on the same paged ring
             swa_paged_forward(query.view(-1, self.num_heads, self.head_size),
                               key.view(-1, self.num_kv_heads, self.head_size),
                               value.view(-1, self.num_kv_heads, self.head_size), kv_cache,
-                              md.ring_block_ids, md.query_start_loc, md.starts, self.window, self.scale,
+                              md.ring_block_ids, md.starts, md.num_decodes, md.prefill_query_start_loc,
+                              md.max_prefill_len, self.window, self.scale,
                               output.view(-1, self.num_heads, self.head_size))
             return output
-        for i, start in enumerate(md.starts):
-            a, b = md.query_start_loc[i], md.query_start_loc[i + 1]
+        qsl = md.query_start_loc_cpu
+        for i, start in enumerate(md.starts_cpu):
+            a, b = qsl[i], qsl[i + 1]
             if a == b:
                 continue
-            ring = PagedRing(kv_cache, md.ring_block_ids[i], self.head_size)
+            ring = PagedRing(kv_cache, md.ring_block_ids[i].long(), self.head_size)
             attend = ring_decode_attention if b - a == 1 else ring_prefill_attention
             output[a:b] = attend(query[a:b], key[a:b], value[a:b], ring, start, self.window, self.scale)
         return output

@@ -23,6 +23,7 @@ from unittest.mock import patch
 import torch
 from infinitevl_kernels.attention import apply_rope, mrope_cos_sin
 from infinitevl_kernels.gdn_batch import GDNBatch, GDNShape, gdn_forward_batch
+from infinitevl_kernels.triton_gdn import gdn_decode_slots, gdn_prefill_varlen
 from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
@@ -98,19 +99,43 @@ class InfiniteVLGatedDeltaNet(OlmoHybridGatedDeltaNetAttention):
         self.o_norm.eps = cfg.norm_eps
 
     def _forward_core(self, mixed_qkv, b, a, core_attn_out):
-        if not current_platform.is_cpu():
-            return super()._forward_core(mixed_qkv=mixed_qkv, b=b, a=a, core_attn_out=core_attn_out)
+        """Our slot-pool GDN on every device: decodes (first in the batch) in one batched recurrence,
+        prefill chunks each from its own slot's state. vLLM's parent runs a mixed batch's decodes
+        through the chunked kernel too, so a sequence's tokens would depend on its neighbours."""
         md = get_forward_context().attn_metadata
         md = md.get(self.prefix) if isinstance(md, dict) else None
         if md is None or md.num_actual_tokens == 0:  # profiling / dummy runs
             return
         assert isinstance(md, GDNAttentionMetadata)
         if md.spec_sequence_masks is not None:
-            raise NotImplementedError("speculative decoding is not supported for InfiniteVL on CPU")
-        n = md.num_actual_tokens
+            raise NotImplementedError("speculative decoding is not supported for InfiniteVL")
         conv_state, ssm_state = self.kv_cache
         if not is_conv_state_dim_first():
             conv_state = conv_state.transpose(-1, -2)  # -> [slots, C, K-1]
+        weight = self.conv1d.weight
+        state = dict(conv_weight=weight.view(weight.size(0), weight.size(-1)), A_log=self.A_log,
+                     dt_bias=self.dt_bias, conv_state=conv_state, ssm_state=ssm_state,
+                     shape=GDNShape(self.num_v_heads // self.tp_size, self.head_k_dim, self.head_v_dim))
+        if not mixed_qkv.is_cuda:
+            self._forward_core_cpu(md, mixed_qkv, a, b, core_attn_out, state)
+            return
+        nd, num_prefills = md.num_decodes, md.num_prefills
+        if nd:  # captured in full CUDA graphs: device tensors only
+            gdn_decode_slots(mixed_qkv[:nd], a[:nd], b[:nd], slots=md.non_spec_state_indices_tensor[:nd],
+                             out=core_attn_out[:nd], **state)
+        if num_prefills:
+            end = nd + md.num_prefill_tokens
+            core_attn_out[nd:end] = gdn_prefill_varlen(
+                mixed_qkv[nd:end], a[nd:end], b[nd:end], slots=md.prefill_state_indices[:num_prefills],
+                has_initial_state=md.prefill_has_initial_state[:num_prefills],
+                cu_seqlens=md.prefill_query_start_loc[: num_prefills + 1], max_len=md.num_prefill_tokens,
+                use_fla=mixed_qkv.dtype != torch.float32,  # fla's chunked kernel refuses float32
+                **state)
+
+    @staticmethod
+    def _forward_core_cpu(md: GDNAttentionMetadata, mixed_qkv, a, b, core_attn_out, state: dict) -> None:
+        """vLLM's CPU GDN ops need value head dim == key head dim; ours run the torch code."""
+        n = md.num_actual_tokens
         num_seqs = md.num_decodes + md.num_prefills
         has_init = md.has_initial_state.tolist() if md.has_initial_state is not None else []
         batch = GDNBatch(
@@ -119,16 +144,7 @@ class InfiniteVLGatedDeltaNet(OlmoHybridGatedDeltaNetAttention):
             has_initial_state=[True] * md.num_decodes + [bool(x) for x in has_init[md.num_decodes : num_seqs]],
             num_decodes=md.num_decodes,
         )
-        tp = self.tp_size
-        shape = GDNShape(self.num_v_heads // tp, self.head_k_dim, self.head_v_dim)
-        weight = self.conv1d.weight
-        gdn_forward_batch(
-            mixed_qkv[:n], a[:n], b[:n],
-            conv_weight=weight.view(weight.size(0), weight.size(-1)),
-            A_log=self.A_log, dt_bias=self.dt_bias,
-            conv_state=conv_state, ssm_state=ssm_state,
-            batch=batch, shape=shape, out=core_attn_out,
-        )
+        gdn_forward_batch(mixed_qkv[:n], a[:n], b[:n], batch=batch, out=core_attn_out, **state)
 
 
 class InfiniteVLSlidingAttention(nn.Module):

@@ -60,11 +60,12 @@ def mrope_cos_sin(
     """
     if sum(mrope_section) != head_dim // 2:
         raise ValueError(f"mrope_section {mrope_section} must sum to head_dim/2 = {head_dim // 2}")
-    dt = torch.float64
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=dt) / head_dim))
-    angles = positions.to(dt)[:, :, None] * inv_freq.to(positions.device)  # [3, T, D/2]
-    rows = torch.cat([torch.full((n,), r, dtype=torch.long) for r, n in enumerate(mrope_section)])
-    half = angles.gather(0, rows.to(positions.device)[None, None, :].expand(1, angles.shape[1], -1))[0]
+    # Everything is made on the positions' device: a host tensor copied in would break CUDA-graph capture.
+    dt, dev = torch.float64, positions.device
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=dt, device=dev) / head_dim))
+    angles = positions.to(dt)[:, :, None] * inv_freq  # [3, T, D/2]
+    rows = torch.cat([torch.full((n,), r, dtype=torch.long, device=dev) for r, n in enumerate(mrope_section)])
+    half = angles.gather(0, rows[None, None, :].expand(1, angles.shape[1], -1))[0]
     emb = torch.cat([half, half], dim=-1)
     return emb.cos(), emb.sin()
 

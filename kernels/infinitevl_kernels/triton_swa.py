@@ -30,6 +30,11 @@ from .ring import PagedRing, ring_decode_attention, ring_prefill_attention
 NEG = tl.constexpr(-1.0e30)
 
 
+def _dot_precision(x: torch.Tensor) -> str:
+    """float32 inputs keep float32 products (Triton's default would round them to TF32)."""
+    return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
 def _ring_shape(cache: torch.Tensor, block_table: torch.Tensor, head_dim: int, window: int) -> tuple[int, int]:
     """(block_size, capacity) after checking the layout."""
     if cache.dim() != 4 or cache.shape[-1] != 2 * head_dim or cache.stride(-1) != 1:
@@ -44,10 +49,10 @@ def _ring_shape(cache: torch.Tensor, block_table: torch.Tensor, head_dim: int, w
 @triton.jit
 def _swa_decode_split_kernel(
     q_ptr, kn_ptr, vn_ptr, c_ptr, bt_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, o_ptr,
-    stride_qb, stride_qh, stride_nb, stride_nh, stride_cb, stride_ch, stride_ct, stride_bt, stride_ob, stride_oh,
-    bs, cap, W, split_len, scale,
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_cb, stride_ch, stride_ct, stride_bt,
+    stride_ob, stride_oh, bs, cap, W, split_len, scale,
     NSPLIT: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
-    TWO_PAGES: tl.constexpr,
+    TWO_PAGES: tl.constexpr, PREC: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -87,17 +92,17 @@ def _swa_decode_split_kernel(
         base = head + blk[:, None] * stride_cb + (row % bs)[:, None] * stride_ct + rd[None, :]
         k = tl.load(base, mask=mj[:, None], other=0.0)
         v = tl.load(base + D, mask=mj[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k.to(q.dtype))) * scale
+        qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PREC) * scale
         qk = tl.where(mj[None, :], qk, NEG)
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         pr = tl.exp(qk - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(pr, 1)
-        acc = acc * alpha[:, None] + tl.dot(pr.to(q.dtype), v.to(q.dtype))
+        acc = acc * alpha[:, None] + tl.dot(pr.to(q.dtype), v.to(q.dtype), input_precision=PREC)
         m_i = m_new
     if s == NSPLIT - 1:
-        kn = tl.load(kn_ptr + b * stride_nb + kvh * stride_nh + rd)
-        vn = tl.load(vn_ptr + b * stride_nb + kvh * stride_nh + rd)
+        kn = tl.load(kn_ptr + b * stride_kb + kvh * stride_kh + rd)
+        vn = tl.load(vn_ptr + b * stride_vb + kvh * stride_vh + rd)
         qk1 = tl.sum(q.to(tl.float32) * kn.to(tl.float32)[None, :], 1) * scale
         m_new = tl.maximum(m_i, qk1)
         alpha = tl.exp(m_i - m_new)
@@ -172,8 +177,8 @@ def swa_paged_decode(
     B, Hq, D = q.shape
     Hkv = cache.shape[1]
     bs, cap = _ring_shape(cache, block_table, D, window)
-    if k_new.stride() != v_new.stride() or k_new.stride(-1) != 1:
-        raise ValueError("k_new and v_new need the same strides and unit stride over head_dim")
+    if k_new.stride(-1) != 1 or v_new.stride(-1) != 1:
+        raise ValueError("k_new and v_new need unit stride over head_dim")
     G = Hq // Hkv
     GP = max(16, triton.next_power_of_2(G))
     nsplit = nsplit or decode_splits(B, Hkv, window)
@@ -189,9 +194,9 @@ def swa_paged_decode(
     BN = 64 if q.is_cuda else 4
     _swa_decode_split_kernel[(B, Hkv, nsplit)](
         q, k_new, v_new, cache, block_table, positions, m, lsum, acc, o,
-        q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), cs[0], cs[1], cs[2], block_table.stride(0),
-        o.stride(0), o.stride(1), bs, cap, window, split_len, scale,
-        NSPLIT=nsplit, G=G, GP=GP, D=D, BN=BN, TWO_PAGES=BN <= bs, num_warps=4,
+        q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
+        cs[0], cs[1], cs[2], block_table.stride(0), o.stride(0), o.stride(1), bs, cap, window, split_len, scale,
+        NSPLIT=nsplit, G=G, GP=GP, D=D, BN=BN, TWO_PAGES=BN <= bs, PREC=_dot_precision(q), num_warps=4,
     )
     if nsplit > 1:
         DB = min(D, 32)
@@ -203,10 +208,10 @@ def swa_paged_decode(
 @triton.jit
 def _swa_prefill_kernel(
     q_ptr, k_ptr, v_ptr, c_ptr, bt_ptr, cu_ptr, start_ptr, m_ptr, l_ptr, acc_ptr, o_ptr,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_cb, stride_ch, stride_ct, stride_bt, stride_ot, stride_oh,
-    T, bs, cap, W, scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_ch, stride_ct, stride_bt,
+    stride_ot, stride_oh, T, bs, cap, W, scale,
     NSPLIT: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, BMT: tl.constexpr, D: tl.constexpr,
-    BN: tl.constexpr,
+    BN: tl.constexpr, PREC: tl.constexpr,
 ):
     qb = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -243,12 +248,12 @@ def _swa_prefill_kernel(
         row = pj % cap
         blk = tl.load(table + row // bs, mask=in_ring, other=0).to(tl.int64)
         ring = c_ptr + kvh * stride_ch + blk[:, None] * stride_cb + (row % bs)[:, None] * stride_ct + rd[None, :]
-        chunk = (s0 + pj - start)[:, None] * stride_kt + kvh * stride_kh + rd[None, :]
+        tok = (s0 + pj - start)[:, None]
         k = tl.load(ring, mask=in_ring[:, None], other=0.0).to(q.dtype) + tl.load(
-            k_ptr + chunk, mask=in_chunk[:, None], other=0.0)
+            k_ptr + tok * stride_kt + kvh * stride_kh + rd[None, :], mask=in_chunk[:, None], other=0.0)
         v = tl.load(ring + D, mask=in_ring[:, None], other=0.0).to(q.dtype) + tl.load(
-            v_ptr + chunk, mask=in_chunk[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k)) * scale
+            v_ptr + tok * stride_vt + kvh * stride_vh + rd[None, :], mask=in_chunk[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
         diff = p_i[:, None] - pj[None, :]
         ok = (diff >= 0) & (diff < W) & (pj < k_hi)[None, :]
         qk = tl.where(ok, qk, NEG)
@@ -256,7 +261,7 @@ def _swa_prefill_kernel(
         pr = tl.where(ok, tl.exp(qk - m_new[:, None]), 0.0)
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(pr, 1)
-        acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
     if NSPLIT == 1:
         out = acc / tl.maximum(l_i, 1e-30)[:, None]
@@ -293,7 +298,7 @@ def _swa_prefill_merge_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, T, stride_ot, stride
 @triton.jit
 def _ring_write_kernel(
     k_ptr, v_ptr, c_ptr, bt_ptr, cu_ptr, start_ptr,
-    stride_kt, stride_kh, stride_cb, stride_ch, stride_ct, stride_bt, bs, cap,
+    stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_ch, stride_ct, stride_bt, bs, cap,
     D: tl.constexpr, BT: tl.constexpr,
 ):
     tb = tl.program_id(0)
@@ -308,10 +313,12 @@ def _ring_write_kernel(
     row = (start + rt) % cap
     blk = tl.load(bt_ptr + n * stride_bt + row // bs, mask=keep, other=0).to(tl.int64)
     dst = c_ptr + blk[:, None] * stride_cb + kvh * stride_ch + (row % bs)[:, None] * stride_ct + rd[None, :]
-    src = (s0 + rt)[:, None] * stride_kt + kvh * stride_kh + rd[None, :]
+    tok = (s0 + rt)[:, None]
     ty = c_ptr.dtype.element_ty
-    tl.store(dst, tl.load(k_ptr + src, mask=keep[:, None]).to(ty), mask=keep[:, None])
-    tl.store(dst + D, tl.load(v_ptr + src, mask=keep[:, None]).to(ty), mask=keep[:, None])
+    k = tl.load(k_ptr + tok * stride_kt + kvh * stride_kh + rd[None, :], mask=keep[:, None])
+    v = tl.load(v_ptr + tok * stride_vt + kvh * stride_vh + rd[None, :], mask=keep[:, None])
+    tl.store(dst, k.to(ty), mask=keep[:, None])
+    tl.store(dst + D, v.to(ty), mask=keep[:, None])
 
 
 def prefill_splits(query_blocks: int, kv_heads: int, key_span: int, sms: int = 132) -> int:
@@ -342,8 +349,8 @@ def swa_paged_prefill(
     T, Hq, D = q.shape
     Hkv = cache.shape[1]
     bs, cap = _ring_shape(cache, block_table, D, window)
-    if k.stride() != v.stride():
-        raise ValueError("k and v need the same strides")
+    if k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("k and v need unit stride over head_dim")
     N = cu_seqlens.numel() - 1
     G = Hq // Hkv
     GP = triton.next_power_of_2(G)
@@ -364,9 +371,10 @@ def swa_paged_prefill(
     cs = cache.stride()
     _swa_prefill_kernel[(qblocks, Hkv, N * nsplit)](
         q, k, v, cache, block_table, cu_seqlens, start_pos, m, lsum, acc, o,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cs[0], cs[1], cs[2], block_table.stride(0),
-        o.stride(0), o.stride(1), T, bs, cap, window, scale,
-        NSPLIT=nsplit, G=G, GP=GP, BMT=BMT, D=D, BN=BN, num_warps=8 if q.is_cuda else 4, num_stages=2,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cs[0], cs[1], cs[2],
+        block_table.stride(0), o.stride(0), o.stride(1), T, bs, cap, window, scale,
+        NSPLIT=nsplit, G=G, GP=GP, BMT=BMT, D=D, BN=BN, PREC=_dot_precision(q), num_warps=8 if q.is_cuda else 4,
+        num_stages=2,
     )
     if nsplit > 1:
         _swa_prefill_merge_kernel[(T,)](m, lsum, acc, o, T, o.stride(0), o.stride(1),
@@ -374,37 +382,32 @@ def swa_paged_prefill(
     BT = 64
     _ring_write_kernel[(triton.cdiv(max_len, BT), Hkv, N)](
         k, v, cache, block_table, cu_seqlens, start_pos,
-        k.stride(0), k.stride(1), cs[0], cs[1], cs[2], block_table.stride(0), bs, cap, D=D, BT=BT,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), cs[0], cs[1], cs[2], block_table.stride(0), bs, cap,
+        D=D, BT=BT,
     )
     return o
 
 
 def swa_paged_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor,
-    query_start_loc: list[int], starts: list[int], window: int, scale: float, out: torch.Tensor,
+    starts: torch.Tensor, num_decodes: int, prefill_query_start_loc: torch.Tensor | None, max_prefill_len: int,
+    window: int, scale: float, out: torch.Tensor,
 ) -> torch.Tensor:
-    """A vLLM step's SWA attention over a mixed batch (host lists of query starts and past lengths).
+    """A vLLM step's SWA attention over a batch ordered decodes first, with no host sync (so a step of
+    decodes can be captured in a CUDA graph).
 
-    Decode-only requests (one token) that come first, as vLLM orders them, take the decode kernel;
-    the rest one varlen prefill launch. Requests with no tokens are skipped.
+    The first ``num_decodes`` rows are one-token requests (decode kernel); the rest are the packed
+    prefill chunks that ``prefill_query_start_loc`` ([num_prefills + 1], counted from row
+    ``num_decodes``; None when there are none) delimits, in one varlen launch. ``starts`` [requests]:
+    each request's token index of its first new token; ``block_table`` [requests, ring_blocks].
     """
-    n = len(starts)
-    lens = [query_start_loc[i + 1] - query_start_loc[i] for i in range(n)]
-    nd = 0
-    while nd < n and lens[nd] == 1:
-        nd += 1
-    dev = q.device
+    nd = num_decodes
     if nd:
-        a = query_start_loc[nd]
-        swa_paged_decode(q[:a], k[:a], v[:a], cache, block_table[:nd], torch.tensor(starts[:nd], device=dev),
-                         window, scale, out=out[:a])
-    rest = [i for i in range(nd, n) if lens[i] > 0]
-    if rest:
-        a, b = query_start_loc[rest[0]], query_start_loc[rest[-1] + 1]
-        cu = torch.tensor([query_start_loc[i] - a for i in range(rest[0], rest[-1] + 2)], device=dev)
-        swa_paged_prefill(q[a:b], k[a:b], v[a:b], cache, block_table[rest[0] : rest[-1] + 1], cu,
-                          torch.tensor(starts[rest[0] : rest[-1] + 1], device=dev), max(lens[i] for i in rest),
-                          window, scale, out=out[a:b])
+        swa_paged_decode(q[:nd], k[:nd], v[:nd], cache, block_table[:nd], starts[:nd], window, scale, out=out[:nd])
+    if prefill_query_start_loc is not None and prefill_query_start_loc.numel() > 1:
+        n = prefill_query_start_loc.numel() - 1
+        swa_paged_prefill(q[nd:], k[nd:], v[nd:], cache, block_table[nd : nd + n], prefill_query_start_loc,
+                          starts[nd : nd + n], max_prefill_len, window, scale, out=out[nd:])
     return out
 
 

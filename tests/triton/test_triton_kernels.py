@@ -206,7 +206,12 @@ def test_swa_paged_forward_mixed_vllm_batch():
     q, k, v = random_qkv(qsl[-1], Hq, Hkv, D, g)
     ref_cache = cache.clone()
     out = torch.full_like(q, math.nan)
-    swa_paged_forward(q, k, v, cache, table, qsl, starts, window, D**-0.5, out)
+    # key and value as views of one fused projection (their strides differ from a roped key's)
+    kv = torch.cat([k, v], dim=-1)
+    k_rope, v_view = k.clone(), kv[..., D:]
+    prefill_qsl = torch.tensor(qsl[2:]) - qsl[2]
+    swa_paged_forward(q, k_rope, v_view, cache, table.int(), torch.tensor(starts, dtype=torch.int32), 2,
+                      prefill_qsl, max(lens[2:]), window, D**-0.5, out)
     want = swa_paged_prefill_ref(q, k, v, ref_cache, table, qsl, starts, window)
     assert rel(out, want) < 1e-5 and same(cache, ref_cache)
 
