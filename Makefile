@@ -1,9 +1,11 @@
 # Two commands a user needs: `make demo` and `make test`. Both build .venv/ first when needed.
 VENV := .venv
 PY := $(VENV)/bin/python
+# make test-gpu runs on a CUDA host's own Python (with CUDA vLLM), not .venv.
+GPU_PY ?= python3
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv demo test test-slow lint
+.PHONY: venv demo test test-slow test-gpu lint
 
 venv:
 	bash scripts/setup-venv.sh
@@ -17,6 +19,10 @@ test: venv
 
 test-slow: venv
 	$(PY) -m pytest -q -m slow
+
+# The GPU suite (tests/gpu; meant to take under 9 minutes on 2 H200s); writes benchmarks/results/gpu_vllm_checks.json.
+test-gpu:
+	PYTHONPATH=$(CURDIR):$(CURDIR)/kernels$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PY) -m pytest -q -p no:cacheprovider -m gpu tests/gpu
 
 lint: venv
 	$(VENV)/bin/ruff check .

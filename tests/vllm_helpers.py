@@ -93,7 +93,8 @@ def running_server(serve_args: list[str], log: Path, env: dict | None = None):
     from infinitevl_vllm.demo import free_port
 
     port = free_port()
-    cmd = [str(Path(sys.executable).with_name("infinitevl-vllm")), "serve", *serve_args,
+    # `python -m` rather than the console script: pip may put scripts away from sys.executable
+    cmd = [sys.executable, "-m", "infinitevl_vllm.cli", "serve", *serve_args,
            "--host", "127.0.0.1", "--port", str(port)]
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, env=env)

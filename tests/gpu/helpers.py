@@ -1,0 +1,102 @@
+"""Prompt sets and measurements shared by the GPU tests and their fixtures.
+
+Nothing here imports vLLM at module level: the CPU suite collects this folder (and skips it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from conftest import random_image
+from PIL import Image
+from vllm_helpers import chat_prompt, prompt_logprobs_of, random_texts, vllm_prompt
+
+Prompt = tuple[str, list[Image.Image] | None]  # a chat-formatted prompt string and its images
+
+F32_CHUNK = 128  # the float32 engine's max_num_batched_tokens: longer prompts are prefilled in chunks
+
+# Texts of several lengths (the longest is 50x the 16-token test window) and one image question.
+PARITY_TEXT_WORDS = (5, 40, 200, 800)
+# Our bf16 error (against our float32 reference) may be at most this multiple of the Transformer twin's
+# (vLLM's Qwen2.5-VL in bf16 against transformers in float32) on the same prompts.
+PARITY_MAX_RATIO = 1.5
+
+
+def parity_prompts(processor) -> list[Prompt]:
+    prompts: list[Prompt] = [(chat_prompt(processor, t), None) for t in random_texts(PARITY_TEXT_WORDS, seed=11)]
+    prompts.append((chat_prompt(processor, "Describe it.", n_images=1), [random_image(0)]))
+    return prompts
+
+
+def vllm_prompt_logprobs(llm, prompts: list[Prompt]) -> list[tuple[list[int], torch.Tensor]]:
+    """(prompt token ids, log p(token_t | <t) for t >= 1) of each prompt, all in one batch."""
+    from vllm import SamplingParams
+
+    outs = llm.generate([vllm_prompt(p, images) for p, images in prompts],
+                        SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+    return [(list(o.prompt_token_ids), torch.tensor(prompt_logprobs_of(o), dtype=torch.float64)) for o in outs]
+
+
+@torch.no_grad()
+def hf_prompt_logprobs(model, processor, prompt: str, images: list[Image.Image] | None = None
+                       ) -> tuple[list[int], torch.Tensor]:
+    """The same quantity from a transformers model (one forward pass over the processor's inputs, logits
+    taken to float64 before the log-softmax). On CPU in float32 it matches vLLM's own float32 Qwen2.5-VL
+    on the twin checkpoint to 3e-5 (texts and an image)."""
+    batch = processor(text=[prompt], return_tensors="pt", **({"images": images} if images else {}))
+    batch = batch.to(model.device)
+    logits = model(**batch).logits[0]
+    ids = batch["input_ids"][0]
+    lp = torch.log_softmax(logits[:-1].double(), -1).gather(-1, ids[1:, None]).squeeze(-1)
+    return ids.tolist(), lp.cpu()
+
+
+def mean_abs(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """Mean absolute difference over every position of every prompt (prompts weigh by their length)."""
+    return float((torch.cat(a) - torch.cat(b)).abs().mean())
+
+
+@dataclass
+class Parity:
+    """Prompt log-probs of the parity prompts, measured in one run (see the `parity` fixture)."""
+
+    prompts: list[Prompt]
+    ours_bf16: list[torch.Tensor]  # InfiniteVL on vLLM (CUDA, bf16, vLLM's defaults)
+    ours_f32: list[torch.Tensor]  # the reference model, float32
+    twin_bf16: list[torch.Tensor]  # the Qwen2.5-VL twin on vLLM's Qwen2.5-VL (CUDA, bf16, vLLM's defaults)
+    twin_f32: list[torch.Tensor]  # the twin in transformers, float32
+
+    @property
+    def ours_mean_abs(self) -> float:
+        return mean_abs(self.ours_bf16, self.ours_f32)
+
+    @property
+    def twin_mean_abs(self) -> float:
+        return mean_abs(self.twin_bf16, self.twin_f32)
+
+    @property
+    def ratio(self) -> float:
+        return self.ours_mean_abs / self.twin_mean_abs
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "prompt_tokens": [len(t) + 1 for t in self.ours_f32],
+            "ours_mean_abs": self.ours_mean_abs,
+            "twin_mean_abs": self.twin_mean_abs,
+            "ratio": self.ratio if self.twin_mean_abs > 0 else None,
+            "ours_mean_abs_per_prompt": [mean_abs([a], [b]) for a, b in zip(self.ours_bf16, self.ours_f32)],
+            "twin_mean_abs_per_prompt": [mean_abs([a], [b]) for a, b in zip(self.twin_bf16, self.twin_f32)],
+            "ours_max_abs": float((torch.cat(self.ours_bf16) - torch.cat(self.ours_f32)).abs().max()),
+            "twin_max_abs": float((torch.cat(self.twin_bf16) - torch.cat(self.twin_f32)).abs().max()),
+        }
+
+
+def greedy_tokens(llm, prompts: list[Prompt], max_tokens: int) -> list[list[int]]:
+    """Greedy continuations (exactly max_tokens each: EOS ignored), all prompts in one batch."""
+    from vllm import SamplingParams
+
+    outs = llm.generate([vllm_prompt(p, images) for p, images in prompts],
+                        SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True), use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
