@@ -226,7 +226,9 @@ class InfiniteVLTextModel(nn.Module):
 
     def rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """M-RoPE cos/sin computed from the positions themselves (in float64), not looked up in a table
-        sized by a maximum position: sequences have no length limit."""
+        sized by a maximum position: sequences have no length limit. Kept in at least float32 (the rotation
+        runs in float32 whatever the model dtype): bf16 angles would add a rounding the reference has not."""
+        dtype = torch.promote_types(dtype, torch.float32)
         cfg = self.config
         positions = positions if positions.dim() == 2 else positions[None].expand(3, -1)
         cos, sin = mrope_cos_sin(positions, cfg.head_dim, cfg.rope_parameters["rope_theta"],
