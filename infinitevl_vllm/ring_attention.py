@@ -38,7 +38,7 @@ class RingAttentionMetadata(AttentionMetadata):
     ring_block_ids: torch.Tensor  # [requests, ring_blocks] int32 (a view of the runner's block table)
     prefill_query_start_loc: torch.Tensor | None  # [prefills + 1], counted from the first prefill token
     max_prefill_len: int
-    query_start_loc_cpu: list[int]  # host copies, for the CPU path
+    query_start_loc_cpu: list[int] | None  # host copies, for the CPU path
     starts_cpu: list[int] | None
 
 
@@ -82,7 +82,7 @@ class RingAttentionMetadataBuilder(AttentionMetadataBuilder[RingAttentionMetadat
             ring_block_ids=md.block_table_tensor[:n, : self.kv_cache_spec.ring_blocks],
             prefill_query_start_loc=prefill_qsl,
             max_prefill_len=md.max_query_len,
-            query_start_loc_cpu=md.query_start_loc_cpu[: n + 1].tolist(),
+            query_start_loc_cpu=md.query_start_loc_cpu[: n + 1].tolist() if on_cpu else None,
             starts_cpu=starts.tolist() if on_cpu else None,
         )
 
