@@ -51,6 +51,7 @@ IN_PROCESS = "VLLM_ENABLE_V1_MULTIPROCESSING"
 
 RECORD: dict[str, Any] = {"engines": {}}  # measurements, filled by fixtures and tests (fixture gpu_record)
 OUTCOMES: dict[str, str] = {}  # nodeid -> passed | failed | skipped, for tests marked gpu
+DURATIONS: dict[str, dict[str, float]] = {}  # nodeid -> seconds of its setup, call and teardown
 
 
 # -- collection: every test here is marked gpu and skipped without CUDA -------------------------------
@@ -265,13 +266,17 @@ def parity(llm_bf16, llm_twin_bf16, ours_ref, ours_processor, twin_f32, twin_pro
 
 # -- outcomes and the record ------------------------------------------------------------------------
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    """One outcome per gpu test: the call's, or a failed/skipped setup's; a failed teardown fails it."""
+    """One outcome per gpu test: the call's, or a failed/skipped setup's; a failed teardown fails it. The
+    record is rewritten after every test, so a run stopped by a time limit (or an engine whose shutdown
+    hangs) still leaves what it found, with each phase's seconds to show where the time went."""
     if "gpu" not in report.keywords:
         return
+    DURATIONS.setdefault(report.nodeid, {})[report.when] = round(report.duration, 1)
     if report.when == "call" or (report.when == "setup" and not report.passed):
         OUTCOMES[report.nodeid] = "failed" if report.failed else report.outcome
     elif report.when == "teardown" and report.failed:
         OUTCOMES[report.nodeid] = "failed"
+    _write_record()
 
 
 def _all_passed(module: str) -> bool | None:
@@ -295,13 +300,14 @@ def _commit() -> str | None:
     return run.stdout.strip() if run.returncode == 0 else None
 
 
-def build_record() -> dict[str, Any]:
+def build_record(complete: bool = False) -> dict[str, Any]:
     """checks: what the acceptance check reads; measurements: every raw number behind them."""
     counts = {k: sum(o == k for o in OUTCOMES.values()) for k in ("passed", "failed", "skipped")}
     engines = RECORD["engines"]
     gpu_count = torch.cuda.device_count()
     serve = RECORD.get("serve", {})
     checks = {
+        "complete": complete,  # false until the session has finished: a record left by a stopped run says so
         "engine_defaults": all(e.get("defaults") is True for e in engines.values()) if engines else None,
         "gpu_tests": counts,
         "parity_bf16_ratio_vs_qwen": RECORD.get("parity", {}).get("ratio"),
@@ -314,15 +320,19 @@ def build_record() -> dict[str, Any]:
         "triton": _version("triton"),
         "transformers": _version("transformers"),
     }
-    return {"checks": checks, "measurements": {**RECORD, "outcomes": dict(OUTCOMES)}, "commit": _commit(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    return {"checks": checks, "measurements": {**RECORD, "outcomes": dict(OUTCOMES), "seconds": dict(DURATIONS)},
+            "commit": _commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def _write_record(complete: bool = False) -> bool:
+    if not any(o in ("passed", "failed") for o in OUTCOMES.values()) or not torch.cuda.is_available():
+        return False
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(_jsonable(build_record(complete)), indent=2) + "\n")
+    return True
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    if not any(o in ("passed", "failed") for o in OUTCOMES.values()) or not torch.cuda.is_available():
-        return
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(_jsonable(build_record()), indent=2) + "\n")
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
+    if _write_record(complete=True) and reporter is not None:
         reporter.write_line(f"GPU checks written to {RESULTS.relative_to(REPO)}")
