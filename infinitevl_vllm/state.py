@@ -26,6 +26,9 @@ import torch
 
 from .config import InfiniteVLTextConfig
 
+# the block size chosen by the engine-config rule, kept in vllm_config.additional_config for the front end
+STATE_BLOCK_SIZE_KEY = "infinitevl_state_block_size"
+
 
 def gdn_state_bytes(cfg: InfiniteVLTextConfig, conv_dtype: torch.dtype, ssm_dtype: torch.dtype, tp: int = 1) -> int:
     heads = cfg.num_linear_heads // tp

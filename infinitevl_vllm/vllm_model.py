@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from types import SimpleNamespace
-from unittest.mock import patch
 
 import torch
 from infinitevl_kernels.attention import apply_rope, mrope_cos_sin
@@ -33,7 +32,6 @@ from vllm.model_executor.layers.fusion.mm_input_norm import build_mm_input_norm
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
-from vllm.model_executor.layers.mamba.gdn import olmo_gdn_linear_attn as _olmo_gdn
 from vllm.model_executor.layers.mamba.gdn.olmo_gdn_linear_attn import OlmoHybridGatedDeltaNetAttention
 from vllm.model_executor.layers.mamba.mamba_utils import (
     MambaStateCopyFuncCalculator,
@@ -51,10 +49,16 @@ from vllm.model_executor.models.qwen2_5_vl import (
 )
 from vllm.model_executor.models.utils import make_empty_intermediate_tensors_factory, maybe_prefix
 from vllm.platforms import current_platform
-from vllm.v1.attention.backends.gdn_attn import GDNAttentionMetadata
+from vllm.v1.attention.backends.gdn_attn import (
+    GDNAttentionBackend,
+    GDNAttentionMetadata,
+    GDNAttentionMetadataBuilder,
+)
 
 from .config import InfiniteVLTextConfig, is_swa_layer
 from .ring_attention import RingSlidingWindowAttention
+from .step_requests import StepRequests, step_requests_of
+from .vllm_patches import keep_conv_weight_layout, without_triton_allocator
 
 
 def _gdn_layer_config(cfg: InfiniteVLTextConfig) -> SimpleNamespace:
@@ -82,21 +86,50 @@ def _check_gdn_config(cfg: InfiniteVLTextConfig) -> None:
         raise ValueError("InfiniteVL GDN layers need use_short_conv=True, use_gate=True, conv_bias=False")
 
 
+class InfiniteVLGDNMetadataBuilder(GDNAttentionMetadataBuilder):
+    """vLLM's GDN metadata, plus: a request whose state was copied into its slot before its first chunk
+    (a streaming session's) starts from that state (its per-request data in the model's StepRequests)."""
+
+    def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config: VllmConfig, device: torch.device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.step_requests = step_requests_of(vllm_config, layer_names)
+
+    def build(self, common_prefix_len, common_attn_metadata, *args, **kwargs):
+        md = super().build(common_prefix_len, common_attn_metadata, *args, **kwargs)
+        if self.step_requests is None or md.has_initial_state is None or md.spec_sequence_masks is not None:
+            return md
+        rows = self.step_requests.initial_states(md.has_initial_state.shape[0])
+        if rows is not None and any(rows):
+            mask = torch.tensor(rows, dtype=torch.bool, device=md.has_initial_state.device)
+            md.has_initial_state = md.has_initial_state | mask
+            if md.prefill_has_initial_state is not None:
+                md.prefill_has_initial_state = md.has_initial_state[md.num_decodes:]
+        return md
+
+
+class InfiniteVLGDNBackend(GDNAttentionBackend):
+    @staticmethod
+    def get_builder_cls() -> type[InfiniteVLGDNMetadataBuilder]:
+        return InfiniteVLGDNMetadataBuilder
+
+
 class InfiniteVLGatedDeltaNet(OlmoHybridGatedDeltaNetAttention):
     """GDN mixer; its conv + recurrent state is the sequence's slot in vLLM's mamba cache."""
 
-    def __init__(self, cfg: InfiniteVLTextConfig, vllm_config: VllmConfig, prefix: str):
+    def __init__(self, cfg: InfiniteVLTextConfig, vllm_config: VllmConfig, prefix: str,
+                 step_requests: StepRequests | None = None):
         _check_gdn_config(cfg)
         if current_platform.is_cpu():
-            # The parent installs a Triton scratch allocator for its GPU kernels; the CPU path runs
-            # no Triton, and the Triton beside the CPU build may lack triton.set_allocator.
-            with patch.object(_olmo_gdn, "set_triton_allocator", lambda device: None):
+            with without_triton_allocator():
                 super().__init__(_gdn_layer_config(cfg), vllm_config, prefix=prefix)
         else:
             super().__init__(_gdn_layer_config(cfg), vllm_config, prefix=prefix)
-        # Keep the (C, 1, K) conv weight as it is (vLLM's CPU GEMM dispatch would repack it).
-        self.conv1d._cpu_skip_gemm_dispatch = True
+        keep_conv_weight_layout(self.conv1d)
         self.o_norm.eps = cfg.norm_eps
+        self.step_requests = step_requests  # the model's; the metadata builder finds it through this layer
+
+    def get_attn_backend(self):
+        return InfiniteVLGDNBackend
 
     def _forward_core(self, mixed_qkv, b, a, core_attn_out):
         """Our slot-pool GDN on every device: decodes (first in the batch) in one batched recurrence,
@@ -151,7 +184,8 @@ class InfiniteVLSlidingAttention(nn.Module):
     """Qwen2.5 attention (q/k/v bias, GQA, M-RoPE) over the last `attention_window` tokens, whose KV
     is a fixed ring per sequence (see ring_attention.py)."""
 
-    def __init__(self, cfg: InfiniteVLTextConfig, vllm_config: VllmConfig, prefix: str):
+    def __init__(self, cfg: InfiniteVLTextConfig, vllm_config: VllmConfig, prefix: str,
+                 step_requests: StepRequests | None = None):
         super().__init__()
         tp = get_tensor_model_parallel_world_size()
         self.head_dim = cfg.head_dim
@@ -165,7 +199,8 @@ class InfiniteVLSlidingAttention(nn.Module):
         self.o_proj = RowParallelLinear(cfg.num_attention_heads * self.head_dim, cfg.hidden_size, bias=False,
                                         quant_config=quant, prefix=f"{prefix}.o_proj")
         self.attn = RingSlidingWindowAttention(self.num_heads, self.head_dim, self.num_kv_heads, cfg.attention_window,
-                                               vllm_config.cache_config, quant, prefix=f"{prefix}.attn")
+                                               vllm_config.cache_config, quant, prefix=f"{prefix}.attn",
+                                               step_requests=step_requests)
 
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], hidden_states: torch.Tensor) -> torch.Tensor:
         qkv, _ = self.qkv_proj(hidden_states)
@@ -179,14 +214,15 @@ class InfiniteVLSlidingAttention(nn.Module):
 
 
 class InfiniteVLDecoderLayer(nn.Module):
-    def __init__(self, cfg: InfiniteVLTextConfig, vllm_config: VllmConfig, layer_idx: int, prefix: str):
+    def __init__(self, cfg: InfiniteVLTextConfig, vllm_config: VllmConfig, layer_idx: int, prefix: str,
+                 step_requests: StepRequests | None = None):
         super().__init__()
         self.is_swa = is_swa_layer(layer_idx)
         mixer_prefix = f"{prefix}.self_attn"
         if self.is_swa:
-            self.self_attn = InfiniteVLSlidingAttention(cfg, vllm_config, mixer_prefix)
+            self.self_attn = InfiniteVLSlidingAttention(cfg, vllm_config, mixer_prefix, step_requests)
         else:
-            self.self_attn = InfiniteVLGatedDeltaNet(cfg, vllm_config, mixer_prefix)
+            self.self_attn = InfiniteVLGatedDeltaNet(cfg, vllm_config, mixer_prefix, step_requests)
         self.mlp = Qwen2MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act,
                             quant_config=vllm_config.quant_config, prefix=f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
@@ -218,8 +254,9 @@ class InfiniteVLTextModel(nn.Module):
         cfg: InfiniteVLTextConfig = vllm_config.model_config.hf_config.text_config
         self.config = cfg
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, prefix=f"{prefix}.embed_tokens")
+        self.step_requests = StepRequests()  # per-request data of each step, read by the layers' builders
         self.layers = nn.ModuleList(
-            InfiniteVLDecoderLayer(cfg, vllm_config, i, prefix=f"{prefix}.layers.{i}")
+            InfiniteVLDecoderLayer(cfg, vllm_config, i, prefix=f"{prefix}.layers.{i}", step_requests=self.step_requests)
             for i in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
@@ -336,6 +373,10 @@ class InfiniteVLQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGener
                 vllm_config=vllm_config, prefix=maybe_prefix(prefix, "language_model")
             )
         self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
+
+    @property
+    def step_requests(self) -> StepRequests:
+        return self.language_model.model.step_requests
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
         return self.language_model.model(input_ids=input_ids, positions=positions,
