@@ -11,7 +11,9 @@ What is ours and why:
 - The SWA layer is Qwen2 attention with a per-layer window whose KV is a fixed ring per sequence
   (ring_attention.py), and M-RoPE computed from the positions rather than from a table sized by a
   maximum position, so no sequence length is out of range.
-- Weight loading maps the released names (both layer kinds under ``self_attn.*``) by layer kind.
+- Weight loading is vLLM's ``AutoWeightsLoader``; a ``WeightsMapper`` built from the layer rule
+  (infinitevl_kernels.layout) stacks the released names (both layer kinds under ``self_attn.*``) into the
+  fused parameters of each layer's kind.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from types import SimpleNamespace
 import torch
 from infinitevl_kernels.attention import apply_rope, mrope_cos_sin
 from infinitevl_kernels.gdn_batch import GDNBatch, GDNShape, gdn_forward_batch
+from infinitevl_kernels.layout import GDN_CONVS, GDN_INPUT, LAYER_PREFIX, MLP_GATE_UP, SWA_QKV, is_swa_layer, rope_of
 from infinitevl_kernels.triton_gdn import gdn_decode_slots, gdn_prefill_varlen
 from torch import nn
 from vllm.compilation.decorators import support_torch_compile
@@ -40,14 +43,18 @@ from vllm.model_executor.layers.mamba.mamba_utils import (
     is_conv_state_dim_first,
 )
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
-from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid
 from vllm.model_executor.models.qwen2 import Qwen2MLP
 from vllm.model_executor.models.qwen2_5_vl import (
     Qwen2_5_VisionTransformer,
     Qwen2_5_VLForConditionalGeneration,
 )
-from vllm.model_executor.models.utils import make_empty_intermediate_tensors_factory, maybe_prefix
+from vllm.model_executor.models.utils import (
+    AutoWeightsLoader,
+    WeightsMapper,
+    make_empty_intermediate_tensors_factory,
+    maybe_prefix,
+)
 from vllm.platforms import current_platform
 from vllm.v1.attention.backends.gdn_attn import (
     GDNAttentionBackend,
@@ -55,7 +62,7 @@ from vllm.v1.attention.backends.gdn_attn import (
     GDNAttentionMetadataBuilder,
 )
 
-from .config import InfiniteVLTextConfig, is_swa_layer
+from .config import InfiniteVLTextConfig
 from .ring_attention import RingSlidingWindowAttention
 from .step_requests import StepRequests, step_requests_of
 from .vllm_patches import keep_conv_weight_layout, without_triton_allocator
@@ -130,6 +137,23 @@ class InfiniteVLGatedDeltaNet(OlmoHybridGatedDeltaNetAttention):
 
     def get_attn_backend(self):
         return InfiniteVLGDNBackend
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """vLLM's loader, except the fused conv: its loader takes the shard id the WeightsMapper put on each
+        q/k/v conv tensor as an argument (a ColumnParallelLinear has no load_weights to read it)."""
+        conv = self.conv1d.weight
+        loaded: set[str] = set()
+
+        def others():
+            for name, w in weights:
+                if name == "conv1d.weight":
+                    conv.weight_loader(conv, w, w.shard_id)
+                    loaded.add(name)
+                else:
+                    yield name, w
+
+        rest = set(AutoWeightsLoader(self).load_weights(others()))
+        return loaded | rest
 
     def _forward_core(self, mixed_qkv, b, a, core_attn_out):
         """Our slot-pool GDN on every device: decodes (first in the batch) in one batched recurrence,
@@ -266,8 +290,7 @@ class InfiniteVLTextModel(nn.Module):
         sized by a maximum position: sequences have no length limit."""
         cfg = self.config
         positions = positions if positions.dim() == 2 else positions[None].expand(3, -1)
-        cos, sin = mrope_cos_sin(positions, cfg.head_dim, cfg.rope_parameters["rope_theta"],
-                                 cfg.rope_parameters["mrope_section"])
+        cos, sin = mrope_cos_sin(positions, cfg.head_dim, *rope_of(cfg))
         return cos.to(dtype), sin.to(dtype)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -283,14 +306,24 @@ class InfiniteVLTextModel(nn.Module):
         return hidden
 
 
-# Released name -> (vLLM parameter, shard id), by layer kind.
-_MLP_STACKS = [(".mlp.gate_proj.", ".mlp.gate_up_proj.", 0), (".mlp.up_proj.", ".mlp.gate_up_proj.", 1)]
-_SWA_STACKS = [(".q_proj.", ".qkv_proj.", "q"), (".k_proj.", ".qkv_proj.", "k"), (".v_proj.", ".qkv_proj.", "v")]
-_GDN_STACKS = [
-    (".q_proj.", ".in_proj_qkvg.", 0), (".k_proj.", ".in_proj_qkvg.", 1), (".v_proj.", ".in_proj_qkvg.", 2),
-    (".g_proj.", ".in_proj_qkvg.", 3),
-    (".q_conv1d.", ".conv1d.", 0), (".k_conv1d.", ".conv1d.", 1), (".v_conv1d.", ".conv1d.", 2),
-]
+def weights_mapper(cfg: InfiniteVLTextConfig) -> WeightsMapper:
+    """Released names -> (fused vLLM parameter, shard id), by each layer's kind (the layer rule and the
+    weight names of infinitevl_kernels.layout)."""
+    stacked = {}
+    for i in range(cfg.num_hidden_layers):
+        layer = LAYER_PREFIX.format(i=i)
+        for shard, n in enumerate(MLP_GATE_UP):
+            stacked[f"{layer}mlp.{n}_proj."] = (f"{layer}mlp.gate_up_proj.", shard)
+        mixer = f"{layer}self_attn."
+        if is_swa_layer(i):
+            for n in SWA_QKV:
+                stacked[f"{mixer}{n}_proj."] = (f"{mixer}qkv_proj.", n)
+        else:
+            for shard, n in enumerate(GDN_INPUT):
+                stacked[f"{mixer}{n}_proj."] = (f"{mixer}in_proj_qkvg.", shard)
+            for shard, n in enumerate(GDN_CONVS):
+                stacked[f"{mixer}{n}_conv1d."] = (f"{mixer}conv1d.", shard)
+    return WeightsMapper(orig_to_new_stacked=stacked)
 
 
 class InfiniteVLForCausalLM(nn.Module):
@@ -314,30 +347,6 @@ class InfiniteVLForCausalLM(nn.Module):
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.logits_processor(self.lm_head, hidden_states)
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        for name, w in weights:
-            if name.startswith("lm_head.") or "rotary_emb.inv_freq" in name:
-                continue  # tied to the embeddings
-            stacks = _MLP_STACKS
-            if ".layers." in name and ".self_attn." in name:
-                stacks = _SWA_STACKS if is_swa_layer(int(name.split(".layers.")[1].split(".")[0])) else _GDN_STACKS
-            for src, dst, shard in stacks:
-                if src in name:
-                    target = name.replace(src, dst)
-                    param = params[target]
-                    param.weight_loader(param, w, shard)
-                    break
-            else:
-                target = name
-                if target not in params:
-                    raise KeyError(f"checkpoint tensor {name} has no place in the InfiniteVL decoder")
-                param = params[target]
-                getattr(param, "weight_loader", default_weight_loader)(param, w)
-            loaded.add(target)
-        return loaded
 
 
 class InfiniteVLQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration, IsHybrid, HasInnerState):
@@ -373,6 +382,10 @@ class InfiniteVLQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGener
                 vllm_config=vllm_config, prefix=maybe_prefix(prefix, "language_model")
             )
         self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        mapper = weights_mapper(self.config.text_config) | self.hf_to_vllm_mapper
+        return AutoWeightsLoader(self).load_weights(weights, mapper=mapper)  # lm_head: tied, skipped as an alias
 
     @property
     def step_requests(self) -> StepRequests:
