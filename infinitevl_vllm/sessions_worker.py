@@ -216,9 +216,12 @@ def before_step(runner, scheduler_output) -> None:
     """After the runner took the step's requests in: start each session request's first chunk from its
     session's state, and note the appends whose prompt this step finishes (their state is written back)."""
     store = store_of(runner, create=False)
-    if store is None and not any(_session_args(runner.requests.get(r)) for r in scheduler_output.num_scheduled_tokens):
-        return
-    store = store_of(runner)
+    if store is None:
+        if not any(_session_args(runner.requests.get(r)) for r in scheduler_output.num_scheduled_tokens):
+            return
+        if getattr(runner.get_model(), "step_requests", None) is None:
+            return  # not InfiniteVL: a request naming a session is an ordinary request there
+        store = store_of(runner)
     for rid in scheduler_output.finished_req_ids:
         store.finish(rid)
     store.pending_writeback = []

@@ -203,3 +203,25 @@ def test_check_seam_passes_here_and_finds_violations(tmp_path):
     for finding in ("a.py:2: assigns an attribute", "a.py:3: setattr()", "import cycle: infinitevl_vllm.a",
                     "ring_attention.py imports the sessions feature", "tests/t.py imports from benchmarks/"):
         assert finding in out.stdout, out.stdout
+
+
+def test_session_hooks_leave_other_models_alone():
+    """A client may put any extra_args on a request to another model: the runner hook ignores it there."""
+    from types import SimpleNamespace
+
+    from infinitevl_vllm import sessions_worker
+    from infinitevl_vllm.streaming import EXTRA_ARGS_KEY
+
+    req = SimpleNamespace(sampling_params=SimpleNamespace(extra_args={EXTRA_ARGS_KEY: {"id": "s", "op": "append"}}),
+                          num_computed_tokens=0, prompt_token_ids=[1, 2])
+    class Runner:  # another model's runner: its model has no step_requests
+        requests = {"r": req}
+
+        def get_model(self):
+            return SimpleNamespace()
+
+    runner = Runner()
+    step = SimpleNamespace(num_scheduled_tokens={"r": 2}, finished_req_ids=set())
+    sessions_worker.before_step(runner, step)
+    sessions_worker.after_step(runner)
+    assert sessions_worker.store_of(runner, create=False) is None
