@@ -14,46 +14,12 @@ import argparse
 import json
 import platform
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import psutil
 
-
-class TreeRSS:
-    """Peak resident memory of this process and all its children (and every sample, timed)."""
-
-    def __init__(self, interval: float = 0.05):
-        self.peak = 0
-        self.samples: list[tuple[float, int]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
-
-    def current(self) -> int:
-        me = psutil.Process()
-        total = me.memory_info().rss
-        for child in me.children(recursive=True):
-            try:
-                total += child.memory_info().rss
-            except psutil.Error:
-                pass
-        return total
-
-    def _run(self, interval):
-        while not self._stop.is_set():
-            rss = self.current()
-            self.samples.append((time.perf_counter(), rss))
-            self.peak = max(self.peak, rss)
-            time.sleep(interval)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
+from infinitevl_vllm.workloads import TreeRSS
 
 
 def main() -> None:

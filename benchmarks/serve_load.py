@@ -48,9 +48,7 @@ def main() -> None:
 
     from infinitevl_vllm.checkpoint import make_checkpoint
     from infinitevl_vllm.demo import free_port
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from test_serving import image_url  # the same synthetic images as the tests
+    from infinitevl_vllm.workloads import image_data_url as image_url  # the same synthetic images as the tests
 
     ckpt = make_checkpoint(Path(tempfile.mkdtemp()) / "tiny", "tiny", seed=0)
     port = free_port()

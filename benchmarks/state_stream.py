@@ -18,47 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import psutil
 import torch
-from cpu_engine import TreeRSS
 
-CHUNK = 8192
-GENERATED = 96
-STEADY = 48  # decode latency: median gap of the last tokens (the client may lag the engine at first)
-
-
-def stream_one_sequence(llm, n_tokens: int, seed: int = 0) -> dict:
-    """Prefill n_tokens of random text ids, then generate; RSS samples and timings."""
-    from vllm import SamplingParams, TokensPrompt
-
-    g = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(1000, 100000, (n_tokens,), generator=g).tolist()
-    engine = llm.llm_engine
-    params = SamplingParams(temperature=0.0, max_tokens=GENERATED, ignore_eos=True)
-    token_times = []
-    with TreeRSS(interval=0.2) as rss:
-        start = time.perf_counter()
-        engine.add_request(f"stream-{n_tokens}", TokensPrompt(prompt_token_ids=prompt), params)
-        seen = 0
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                new = len(out.outputs[0].token_ids) - seen
-                token_times += [time.perf_counter()] * new
-                seen += new
-    gaps = [b - a for a, b in zip(token_times, token_times[1:])]
-    return {
-        "tokens": n_tokens,
-        "peak_rss_bytes": rss.peak,
-        "prefill_s": token_times[0] - start,
-        "prefill_tokens_per_s": n_tokens / (token_times[0] - start),
-        "decode_ms_per_token": 1000 * statistics.median(gaps[-STEADY:]),
-        "rss_samples": [(round(t - start, 2), b) for t, b in rss.samples],
-    }
+from infinitevl_vllm.workloads import CHUNK, GENERATED, stream_one_sequence
 
 
 def slots_for_budgets(preset: str, dtype: torch.dtype, alignment: int, budgets_gib: list[int]) -> dict:

@@ -18,56 +18,9 @@ import json
 import os
 import platform
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
-from cpu_engine import TreeRSS
-
-
-def distinct_frame(k: int, size: int = 448):
-    """Frame k of a synthetic video: a moving gradient plus seeded noise (no two frames alike, so no
-    cache in vLLM can reuse one frame's work for another)."""
-    from PIL import Image
-
-    x = np.arange(size, dtype=np.int32)
-    base = ((x[None, :, None] + x[:, None, None] + 7 * k) % 256).astype(np.uint8)
-    noise = np.random.default_rng(k).integers(0, 32, (size, size, 3), dtype=np.uint8)
-    return Image.fromarray(np.broadcast_to(base, (size, size, 3)) + noise)
-
-
-def run_stream(llm, frames: int, every: int = 250, batch: int = 8, log=print, on_point=None,
-               seconds: float | None = None) -> dict:
-    """Append `frames` frames (or as many as fit in `seconds`), recording a point every `every`."""
-    from vllm import SamplingParams
-
-    from infinitevl_vllm.sessions import StreamSession
-
-    question = SamplingParams(max_tokens=16, temperature=0.0)
-    points = []
-    with TreeRSS(interval=0.5) as rss, StreamSession(llm) as session:
-        start = last_t = time.perf_counter()
-        last_n, done = 0, 0
-        while done < frames:
-            n = min(batch, frames - done)
-            info = session.append([distinct_frame(done + i) for i in range(n)])
-            done += n
-            if done // every > (done - n) // every or done == frames:  # crossed a multiple of `every`
-                now = time.perf_counter()
-                out = session.ask("What happened in the video?", question)
-                ask_s = time.perf_counter() - now
-                point = {"frames": done, "tokens": info["tokens"], "seconds": round(now - start, 2),
-                         "frames_per_s": round((done - last_n) / (now - last_t), 3),
-                         "ask_seconds": round(ask_s, 3), "answer_tokens": len(out.outputs[0].token_ids),
-                         "rss_bytes": rss.current(), "state_bytes": info["state_bytes"]}
-                points.append(point)
-                log(json.dumps(point))
-                if on_point is not None:
-                    on_point(points)
-                last_t, last_n = time.perf_counter(), done
-                if seconds is not None and now - start > seconds:
-                    break
-    return {"points": points, "final_frames": done, "peak_rss_bytes": rss.peak}
+from infinitevl_vllm.workloads import run_stream
 
 
 def plot(doc: dict, path: Path) -> None:

@@ -595,9 +595,10 @@ def run_bench(spec: BenchSpec, out: Path, plot: Path | None = None, note: str = 
         for i in infos:
             i.name = f"{Path(i.path).parent.name}/{i.name}"
     if plot is not None:
-        from .bench_plot import require_matplotlib
+        from .bench_plot import has_matplotlib
 
-        require_matplotlib()
+        if not has_matplotlib():
+            raise BenchError("--plot needs matplotlib (pip install matplotlib)")
     out.parent.mkdir(parents=True, exist_ok=True)
     log_path = out.with_suffix(".log")
     started, load_before = time.time(), os.getloadavg()

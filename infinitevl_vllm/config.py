@@ -9,6 +9,7 @@ and add the linear-attention fields with the defaults of the release.
 from __future__ import annotations
 
 from huggingface_hub.dataclasses import strict
+from infinitevl_kernels.layout import SWA_EVERY, is_swa_layer  # noqa: F401 - re-exported: the layer rule
 from transformers import AutoConfig
 from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import (
     Qwen2_5_VLConfig,
@@ -17,11 +18,6 @@ from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import (
 )
 
 ARCHITECTURE = "InfiniteVLQwen2_5_VLForConditionalGeneration"
-SWA_EVERY = 4  # layer i is sliding-window attention when i % 4 == 0, else Gated DeltaNet
-
-
-def is_swa_layer(layer_idx: int) -> bool:
-    return layer_idx % SWA_EVERY == 0
 
 
 @strict

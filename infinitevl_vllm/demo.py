@@ -18,7 +18,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from .cli import serve_command
+from .serve import serve_command
 
 DEMO_CHECKPOINT = Path("demo-checkpoint")
 

@@ -7,7 +7,6 @@ import logging
 
 from .config import ARCHITECTURE, register_with_transformers
 
-STATE_BLOCK_SIZE_KEY = "infinitevl_state_block_size"
 MODEL_CLASS = "infinitevl_vllm.vllm_model:InfiniteVLQwen2_5_VLForConditionalGeneration"
 logger = logging.getLogger("vllm.infinitevl_vllm")  # under vLLM's configured logger
 
@@ -18,22 +17,15 @@ PREFIX_CACHING_REFUSED = (
 )
 
 
-def _patch_once(owner, name: str, wrap) -> None:
-    """Replace owner.<name> with wrap(original) once per process (register() may run many times)."""
-    original = getattr(owner, name)
-    if getattr(original, "_infinitevl", False):
-        return
-    replacement = wrap(original)
-    replacement._infinitevl = True
-    setattr(owner, name, replacement)
-
-
 def _engine_config_rules():
     from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
     class InfiniteVLEngineConfig(VerifyAndUpdateConfig):
         @staticmethod
         def verify_and_update_config(vllm_config) -> None:
+            from .vllm_patches import harden_media
+
+            harden_media()  # this process serves InfiniteVL: the server's media hardening (only here)
             _validate_local_checkpoint(vllm_config.model_config.model)
             cache = vllm_config.cache_config
             if cache.enable_prefix_caching:
@@ -42,54 +34,9 @@ def _engine_config_rules():
             _fix_state_block_size(vllm_config)
             _default_cpu_state_budget(vllm_config)
             _use_v1_model_runner()
+            _sessions_worker_extension(vllm_config)
 
     return InfiniteVLEngineConfig
-
-
-def _no_length_limit_for_infinitevl() -> None:
-    """vLLM refuses a --max-model-len above the config's max_position_embeddings (RoPE tables and
-    KV grow with it). InfiniteVL computes rotary angles from the positions and keeps constant state,
-    so any length the user asks for is served; without the flag the config's length is the default."""
-    import vllm.config.model as model_config
-
-    def wrap(get_and_verify_max_len):
-        def max_len(hf_config, *args, max_model_len=None, **kwargs):
-            if getattr(hf_config, "model_type", None) == "infinite_vl_text" and max_model_len not in (None, -1):
-                return int(max_model_len)
-            return get_and_verify_max_len(hf_config, *args, max_model_len=max_model_len, **kwargs)
-
-        return max_len
-
-    _patch_once(model_config, "_get_and_verify_max_len", wrap)
-
-
-def _report_state_pool() -> None:
-    """One log line when the engine has sized its state pool, and slot gauges in /metrics."""
-    from vllm.v1.engine.core import EngineCore
-    from vllm.v1.metrics.loggers import PrometheusStatLogger
-
-    from .state_manager import StatePool, record_slot_metrics
-
-    def wrap_init(initialize_kv_caches):
-        def initialize_and_log(self, vllm_config):
-            kv_cache_config = initialize_kv_caches(self, vllm_config)
-            pool = StatePool.from_kv_cache_config(kv_cache_config)
-            if pool is not None:
-                logger.info(pool.describe())
-            return kv_cache_config
-
-        return initialize_and_log
-
-    def wrap_record(record):
-        def record_with_slots(self, scheduler_stats, *args, **kwargs):
-            record(self, scheduler_stats, *args, **kwargs)
-            if scheduler_stats is not None and self.vllm_config.model_config.architecture == ARCHITECTURE:
-                record_slot_metrics(self.vllm_config, scheduler_stats.num_running_reqs)
-
-        return record_with_slots
-
-    _patch_once(EngineCore, "_initialize_kv_caches", wrap_init)
-    _patch_once(PrometheusStatLogger, "record", wrap_record)
 
 
 def _use_v1_model_runner() -> None:
@@ -124,16 +71,16 @@ def _fix_state_block_size(vllm_config) -> None:
     from vllm.platforms import current_platform
     from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
 
-    from .state import state_block_size
+    from .state import STATE_BLOCK_SIZE_KEY, state_block_size
+    from .vllm_patches import choose_block_size
 
     cache, model = vllm_config.cache_config, vllm_config.model_config
     alignment = cache.block_size if cache.user_specified_block_size else (128 if current_platform.is_cpu() else 16)
     conv_dtype, ssm_dtype = MambaStateDtypeCalculator.gated_delta_net_state_dtype(
         model.dtype, cache.mamba_cache_dtype, cache.mamba_ssm_cache_dtype)
-    cache.block_size = state_block_size(model.hf_config.text_config, alignment,
-                                        kv_cache_dtype_str_to_dtype(cache.cache_dtype, model), conv_dtype, ssm_dtype,
-                                        vllm_config.parallel_config.tensor_parallel_size)
-    cache.user_specified_block_size = True  # keeps the platform's default from replacing it
+    choose_block_size(cache, state_block_size(model.hf_config.text_config, alignment,
+                                              kv_cache_dtype_str_to_dtype(cache.cache_dtype, model), conv_dtype,
+                                              ssm_dtype, vllm_config.parallel_config.tensor_parallel_size))
     if vllm_config.additional_config is None:
         vllm_config.additional_config = {}
     vllm_config.additional_config[STATE_BLOCK_SIZE_KEY] = cache.block_size
@@ -168,73 +115,32 @@ def _default_cpu_state_budget(vllm_config) -> None:
                 "to override", budget / 2**30, per_seq / 2**20)
 
 
-REMOTE_MEDIA_REFUSED = (
-    "remote media URLs are not fetched by default: send the image as a data: URL, or start the server "
-    "with --allowed-media-domains HOST [HOST ...] to fetch from those hosts"
-)
+def _sessions_worker_extension(vllm_config) -> None:
+    """The streaming sessions' RPC is a worker extension class, vLLM's way to add worker methods for
+    collective_rpc; a user's own extension class is kept (the sessions' RPC is then unavailable)."""
+    from .sessions_worker import WORKER_EXTENSION
 
-
-def _refuse_remote_media_unless_allowed() -> None:
-    """vLLM fetches any http(s) media URL a client names unless --allowed-media-domains is given (an
-    empty list means every host). A server should not fetch arbitrary URLs for anonymous clients:
-    with no allow-list, refuse; naming hosts with vLLM's own flag is the opt-in."""
-    from vllm.multimodal.media.connector import MediaConnector
-
-    def wrap_allow_list(check_allow_list):
-        def assert_allowed(self, url_spec) -> None:
-            if not self.allowed_media_domains:
-                raise ValueError(f"{REMOTE_MEDIA_REFUSED} (got {url_spec.scheme}://{url_spec.hostname})")
-            check_allow_list(self, url_spec)
-
-        return assert_allowed
-
-    def wrap_file_url(load_file_url):
-        def load_file_url_or_refuse(self, url_spec, media_io):
-            # vLLM raises RuntimeError here, which its server answers with a 500.
-            if self.allowed_local_media_path is None:
-                raise ValueError("file:// media URLs are not read by default: start the server with "
-                                 "--allowed-local-media-path DIR to read files under DIR")
-            return load_file_url(self, url_spec, media_io)
-
-        return load_file_url_or_refuse
-
-    _patch_once(MediaConnector, "_assert_url_in_allowed_media_domains", wrap_allow_list)
-    _patch_once(MediaConnector, "_load_file_url", wrap_file_url)
-
-
-def _refuse_decompression_bombs() -> None:
-    """PIL refuses images that declare absurd sizes with DecompressionBombError, which is not an
-    OSError, so vLLM's image loader lets it through as a server error (500). Make it a bad request."""
-    from PIL import Image
-    from vllm.multimodal.media.image import ImageMediaIO
-
-    def wrap(load_bytes):
-        def load_bytes_or_refuse(self, data: bytes):
-            try:
-                return load_bytes(self, data)
-            except Image.DecompressionBombError as e:
-                raise ValueError(f"Failed to load image: {e}") from e
-
-        return load_bytes_or_refuse
-
-    _patch_once(ImageMediaIO, "load_bytes", wrap)
+    parallel = vllm_config.parallel_config
+    if not parallel.worker_extension_cls:
+        parallel.worker_extension_cls = WORKER_EXTENSION
+    elif parallel.worker_extension_cls != WORKER_EXTENSION:
+        logger.warning("InfiniteVL: --worker-extension-cls %s is kept; streaming sessions need %s",
+                       parallel.worker_extension_cls, WORKER_EXTENSION)
 
 
 def register() -> None:
-    register_with_transformers()
+    """Runs in every vLLM process: our config with transformers, the model, its engine-config rules, the
+    ring's KV-cache manager, and the vLLM patches an InfiniteVL engine needs (vllm_patches.apply)."""
     from vllm import ModelRegistry
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
+    from . import vllm_patches
+    from .state_manager import register_ring_kv_spec
+
+    vllm_patches.check_vllm_version()
+    register_with_transformers()
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
     MODELS_CONFIG_MAP.setdefault(ARCHITECTURE, _engine_config_rules())
-    _no_length_limit_for_infinitevl()
-    from .state_manager import register_ring_kv_spec
-
     register_ring_kv_spec()
-    _report_state_pool()
-    _refuse_remote_media_unless_allowed()
-    _refuse_decompression_bombs()
-    from .sessions_worker import install as install_sessions
-
-    install_sessions()
+    vllm_patches.apply()

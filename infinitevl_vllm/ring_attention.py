@@ -26,9 +26,9 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
-from .sessions_worker import ring_token_offsets
 from .state import ring_blocks
 from .state_manager import RingKVSpec
+from .step_requests import StepRequests, step_requests_of
 
 
 @dataclass
@@ -56,6 +56,7 @@ class RingAttentionMetadataBuilder(AttentionMetadataBuilder[RingAttentionMetadat
         rows = max(sched.max_num_seqs, sched.max_num_batched_tokens, comp.max_cudagraph_capture_size or 0) + 1
         self.starts = torch.zeros(rows, dtype=torch.int32, device=device)
         self.prefill_query_start_loc = torch.zeros(rows + 1, dtype=torch.int32, device=device)
+        self.step_requests = step_requests_of(vllm_config, layer_names)  # per-request data of the step
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> RingAttentionMetadata:
@@ -68,7 +69,8 @@ class RingAttentionMetadataBuilder(AttentionMetadataBuilder[RingAttentionMetadat
         # no sequence) come out 0 and write into the null block
         torch.sub(md.seq_lens[:n], qsl[1:] - qsl[:-1], out=starts)
         starts.clamp_(min=0)
-        offsets = ring_token_offsets(n)  # a streaming session's request continues its session's ring
+        # a streaming session's request continues its session's ring: its offset is the request's data
+        offsets = self.step_requests.token_offsets(n) if self.step_requests is not None else None
         if offsets is not None:
             starts += torch.tensor(offsets, dtype=torch.int32).to(self.device)
         prefill_qsl = None
@@ -146,10 +148,12 @@ class RingSlidingWindowAttention(Attention):
     is a fixed ring of blocks instead of a growing block table."""
 
     def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, window: int,
-                 cache_config: CacheConfig | None, quant_config, prefix: str):
+                 cache_config: CacheConfig | None, quant_config, prefix: str,
+                 step_requests: StepRequests | None = None):
         super().__init__(num_heads, head_dim, head_dim**-0.5, num_kv_heads=num_kv_heads, cache_config=cache_config,
                          quant_config=quant_config, prefix=prefix, attn_backend=RingAttentionBackend, window=window)
         self.window = window
+        self.step_requests = step_requests  # the model's; the metadata builder finds it through this layer
 
     def get_kv_cache_spec(self, vllm_config: VllmConfig) -> RingKVSpec:
         block_size = vllm_config.cache_config.block_size

@@ -10,7 +10,8 @@ In the worker:
   preemption) the session's state is copied into the request's own GDN slot and SWA ring blocks,
   and its M-RoPE positions are rewritten by the stream rule (streaming.py) from the session's cursor;
 - every step, its ring token index is offset by the session's token count (ring attention) and its
-  GDN state counts as initial even on its first chunk (``has_initial_state``);
+  GDN state counts as initial even on its first chunk (``has_initial_state``): both are this request's
+  data in the model's ``StepRequests`` (step_requests.py), which the metadata builders look up by id;
 - right after the step that finishes an append's prompt, the request's state is copied back into
   the store and the cursor advances. A question never writes back: it runs on a fork.
 
@@ -23,17 +24,20 @@ The store holds, per session, exactly one sequence's state (each GDN layer's con
 state, each SWA layer's ring blocks, copied whole so the ring's token -> row map is kept), so its
 memory is ``sessions x bytes_per_sequence``, allocated when a session is created.
 All of this runs in the worker's one thread (steps and RPCs are serialized), so there is no lock.
+``before_step`` / ``after_step`` run around vLLM's model runner step (vllm_patches.py hooks them in);
+the RPC is the worker extension class ``SessionsWorkerExtension``.
 """
 
 from __future__ import annotations
 
 import logging
-import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 
-from .streaming import EXTRA_ARGS_KEY, FRAME_UUID_PREFIX, StreamCursor, stream_positions
+from .step_requests import RequestStart
+from .streaming import EXTRA_ARGS_KEY, StreamCursor, stream_positions
 
 logger = logging.getLogger("vllm.infinitevl_vllm.sessions")
 
@@ -45,7 +49,6 @@ class _Session:
     gdn: dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer -> (conv, recurrent) of one sequence
     rings: dict[str, torch.Tensor]  # layer -> [ring_blocks, kv_heads, block_size, Dk + Dv]
     cursor: StreamCursor = field(default_factory=StreamCursor)
-    created: float = field(default_factory=time.time)
 
     @property
     def nbytes(self) -> int:
@@ -54,7 +57,7 @@ class _Session:
 
     def copy(self) -> _Session:
         return _Session({k: (c.clone(), r.clone()) for k, (c, r) in self.gdn.items()},
-                        {k: r.clone() for k, r in self.rings.items()}, self.cursor, self.created)
+                        {k: r.clone() for k, r in self.rings.items()}, self.cursor)
 
 
 @dataclass
@@ -63,8 +66,6 @@ class _Plan:
 
     session_id: str | None
     op: str
-    token_offset: int  # ring token index of the request's first token
-    initial: bool  # its GDN state starts from the copied session state
     cursor_after: StreamCursor
     forked_from: _Session | None = None  # a question's state, kept once the session moved on
     written: bool = False
@@ -78,6 +79,8 @@ class SessionStore:
         self.sessions: dict[str, _Session] = {}
         self.plans: dict[str, _Plan] = {}
         self.pending_writeback: list[str] = []
+        self.step = runner.get_model().step_requests  # read by the ring and GDN metadata builders
+        self.step.bind(lambda: runner.input_batch.req_ids)
         ctx = runner.compilation_config.static_forward_context
         self.gdn_layers: dict[str, int] = {}  # layer -> kv cache group
         self.ring_layers: dict[str, tuple[int, int]] = {}  # layer -> (group, ring blocks)
@@ -144,7 +147,9 @@ class SessionStore:
         req.mrope_position_delta = after.next_pos - len(prompt)
         if session is not None:
             self._copy_in(session, req.block_ids)
-        self.plans[req_id] = _Plan(sid if session is not None else None, op, cursor.tokens, session is not None, after,
+        # ring token offset and initial GDN state reach the attention builders as this request's data
+        self.step.set(req_id, RequestStart(token_offset=cursor.tokens, initial_state=session is not None))
+        self.plans[req_id] = _Plan(sid if session is not None else None, op, after,
                                    forked_from=earlier.forked_from if earlier is not None else None)
 
     def write_back(self, req_id: str) -> None:
@@ -185,42 +190,20 @@ class SessionStore:
             cache = self._kv(name)
             cache[list(block_ids[g][:blocks])] = session.rings[name]
 
-    def rows(self, n: int) -> list[_Plan | None] | None:
-        """The plans of the batch's first n rows (None when no session request runs)."""
-        if not self.plans:
-            return None
-        req_ids = self.runner.input_batch.req_ids
-        if len(req_ids) < n:
-            return None
-        return [self.plans.get(r) for r in req_ids[:n]]
+    def finish(self, req_id: str) -> None:
+        self.plans.pop(req_id, None)
+        self.step.drop(req_id)
 
 
-_active: SessionStore | None = None  # the store of this process's runner (one runner per worker process)
+_stores: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model runner -> its sessions' store
 
 
-def store_of(runner) -> SessionStore:
-    global _active
-    store = getattr(runner, "_infinitevl_sessions", None)
-    if store is None:
-        store = runner._infinitevl_sessions = SessionStore(runner)
-    _active = store
+def store_of(runner, create: bool = True) -> SessionStore | None:
+    """The store of this model runner (made on its first session request or RPC)."""
+    store = _stores.get(runner)
+    if store is None and create:
+        store = _stores[runner] = SessionStore(runner)
     return store
-
-
-def ring_token_offsets(n: int) -> list[int] | None:
-    """Per batch row, the ring token index of the request's token 0 (None: all zero)."""
-    rows = _active.rows(n) if _active is not None else None
-    if rows is None:
-        return None
-    return [p.token_offset if p is not None else 0 for p in rows]
-
-
-def initial_state_rows(n: int) -> list[bool] | None:
-    """Per batch row, whether its GDN state starts from a session's (None: no session request)."""
-    rows = _active.rows(n) if _active is not None else None
-    if rows is None:
-        return None
-    return [p is not None and p.initial for p in rows]
 
 
 def _session_args(req) -> dict | None:
@@ -229,87 +212,47 @@ def _session_args(req) -> dict | None:
     return extra.get(EXTRA_ARGS_KEY)
 
 
-def install() -> None:
-    """Patch vLLM's runner, worker and GDN metadata builder, and keep session frames out of the
-    multimodal processor caches (once per process; the front end's and the engine's caches skip the
-    same keys, so they stay mirrored)."""
-    from vllm.multimodal.cache.base import BaseMultiModalCache
-    from vllm.v1.attention.backends.gdn_attn import GDNAttentionMetadataBuilder
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-    from vllm.v1.worker.gpu_worker import Worker
+def before_step(runner, scheduler_output) -> None:
+    """After the runner took the step's requests in: start each session request's first chunk from its
+    session's state, and note the appends whose prompt this step finishes (their state is written back)."""
+    store = store_of(runner, create=False)
+    if store is None:
+        if not any(_session_args(runner.requests.get(r)) for r in scheduler_output.num_scheduled_tokens):
+            return
+        if getattr(runner.get_model(), "step_requests", None) is None:
+            return  # not InfiniteVL: a request naming a session is an ordinary request there
+        store = store_of(runner)
+    for rid in scheduler_output.finished_req_ids:
+        store.finish(rid)
+    store.pending_writeback = []
+    for rid, n in scheduler_output.num_scheduled_tokens.items():
+        req = runner.requests.get(rid)
+        args = _session_args(req)
+        if args is None:
+            continue
+        if req.num_computed_tokens == 0:
+            store.begin(rid, req, args)
+        plan = store.plans.get(rid)
+        if (plan is not None and plan.op == "append" and not plan.written
+                and req.num_computed_tokens + n >= len(req.prompt_token_ids)):
+            store.pending_writeback.append(rid)
 
-    from .plugin import _patch_once
 
-    def wrap_update_states(update_states):
-        def update_states_with_sessions(self, scheduler_output):
-            global _active
-            result = update_states(self, scheduler_output)
-            store = getattr(self, "_infinitevl_sessions", None)
-            _active = store  # this runner's sessions only: another engine of this process must not leak in
-            if store is None and not any(_session_args(self.requests.get(r))
-                                         for r in scheduler_output.num_scheduled_tokens):
-                return result
-            store = store_of(self)
-            for rid in scheduler_output.finished_req_ids:
-                store.plans.pop(rid, None)
-            store.pending_writeback = []
-            for rid, n in scheduler_output.num_scheduled_tokens.items():
-                req = self.requests.get(rid)
-                args = _session_args(req)
-                if args is None:
-                    continue
-                if req.num_computed_tokens == 0:
-                    store.begin(rid, req, args)
-                plan = store.plans.get(rid)
-                if (plan is not None and plan.op == "append" and not plan.written
-                        and req.num_computed_tokens + n >= len(req.prompt_token_ids)):
-                    store.pending_writeback.append(rid)
-            return result
+def after_step(runner) -> None:
+    """After the step ran: copy the finished appends' states back into their sessions."""
+    store = store_of(runner, create=False)
+    if store is not None and store.pending_writeback:
+        for rid in store.pending_writeback:
+            store.write_back(rid)
+        store.pending_writeback = []
 
-        return update_states_with_sessions
 
-    def wrap_execute(execute_model):
-        def execute_model_with_sessions(self, scheduler_output, *args, **kwargs):
-            out = execute_model(self, scheduler_output, *args, **kwargs)
-            store = getattr(self, "_infinitevl_sessions", None)
-            if store is not None and store.pending_writeback:
-                for rid in store.pending_writeback:
-                    store.write_back(rid)
-                store.pending_writeback = []
-            return out
+class SessionsWorkerExtension:
+    """vLLM's worker extension class (``parallel_config.worker_extension_cls``, set by InfiniteVL's
+    engine-config rule): the sessions' RPC, reached through ``collective_rpc(RPC_METHOD, ...)``."""
 
-        return execute_model_with_sessions
+    def infinitevl_session_rpc(self, op: str, *args):
+        return getattr(store_of(self.model_runner), op)(*args)
 
-    def wrap_gdn_build(build):
-        def build_with_sessions(self, common_prefix_len, common_attn_metadata, *args, **kwargs):
-            md = build(self, common_prefix_len, common_attn_metadata, *args, **kwargs)
-            if md.has_initial_state is None or md.spec_sequence_masks is not None:
-                return md
-            rows = initial_state_rows(md.has_initial_state.shape[0])
-            if rows is not None and any(rows):
-                mask = torch.tensor(rows, dtype=torch.bool, device=md.has_initial_state.device)
-                md.has_initial_state = md.has_initial_state | mask
-                if md.prefill_has_initial_state is not None:
-                    md.prefill_has_initial_state = md.has_initial_state[md.num_decodes:]
-            return md
 
-        return build_with_sessions
-
-    def session_rpc(self, op: str, *args):
-        store = store_of(self.model_runner)
-        return getattr(store, op)(*args)
-
-    def wrap_cache_if_fits(cache_if_fits):
-        def cache_unless_session_frame(self, cache, key, value):
-            if isinstance(key, str) and key.startswith(FRAME_UUID_PREFIX):
-                return False
-            return cache_if_fits(self, cache, key, value)
-
-        return cache_unless_session_frame
-
-    _patch_once(BaseMultiModalCache, "cache_if_fits", wrap_cache_if_fits)
-    _patch_once(GPUModelRunner, "_update_states", wrap_update_states)
-    _patch_once(GPUModelRunner, "execute_model", wrap_execute)
-    _patch_once(GDNAttentionMetadataBuilder, "build", wrap_gdn_build)
-    if not hasattr(Worker, RPC_METHOD):
-        setattr(Worker, RPC_METHOD, session_rpc)
+WORKER_EXTENSION = f"{__name__}.{SessionsWorkerExtension.__qualname__}"

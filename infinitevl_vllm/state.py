@@ -23,8 +23,12 @@ from __future__ import annotations
 import math
 
 import torch
+from infinitevl_kernels.layout import ring_blocks
 
 from .config import InfiniteVLTextConfig
+
+# the block size chosen by the engine-config rule, kept in vllm_config.additional_config for the front end
+STATE_BLOCK_SIZE_KEY = "infinitevl_state_block_size"
 
 
 def gdn_state_bytes(cfg: InfiniteVLTextConfig, conv_dtype: torch.dtype, ssm_dtype: torch.dtype, tp: int = 1) -> int:
@@ -49,11 +53,6 @@ def sequence_state_bytes(
     kv_tokens = cfg.attention_window if kv_tokens is None else kv_tokens
     return (len(cfg.gdn_layers) * gdn_state_bytes(cfg, conv_dtype, ssm_dtype)
             + len(cfg.swa_layers) * swa_state_bytes(cfg, kv_dtype, kv_tokens))
-
-
-def ring_blocks(window: int, block_size: int) -> int:
-    """Blocks in one sequence's ring for one SWA layer."""
-    return math.ceil(window / block_size) + 1
 
 
 def page_bytes(cfg: InfiniteVLTextConfig, block_size: int, kv_dtype: torch.dtype, tp: int = 1) -> int:

@@ -98,11 +98,9 @@ class StatePool:
     @classmethod
     def from_vllm_config(cls, vllm_config: VllmConfig) -> StatePool:
         """The same from the config and the block count alone (where the allocation is not at hand)."""
-        from .plugin import STATE_BLOCK_SIZE_KEY
-
         cfg = vllm_config.model_config.hf_config.text_config
         cache = vllm_config.cache_config
-        block_size = vllm_config.additional_config[STATE_BLOCK_SIZE_KEY]
+        block_size = vllm_config.additional_config[state.STATE_BLOCK_SIZE_KEY]
         kv_dtype = kv_cache_dtype_str_to_dtype(cache.cache_dtype, vllm_config.model_config)
         tp = vllm_config.parallel_config.tensor_parallel_size
         return cls(cache.num_gpu_blocks or 0, state.blocks_per_sequence(cfg, block_size),

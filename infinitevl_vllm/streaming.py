@@ -37,7 +37,11 @@ EXTRA_ARGS_KEY = "infinitevl_session"
 # Frames never repeat, so vLLM's multimodal processor cache (default 4 GiB, filled at about 1.2 MB a
 # frame) would only grow with them: frames carry ids with this prefix, which the cache skips.
 FRAME_UUID_PREFIX = "infinitevl-frame-"
-OPS = ("append", "ask", "oneshot")  # oneshot: one stand-alone request under the stream's position rule
+
+
+def is_session_frame_key(key: object) -> bool:
+    """A multimodal cache key of a session frame (they never repeat, so they are not cached)."""
+    return isinstance(key, str) and key.startswith(FRAME_UUID_PREFIX)
 
 
 class SessionError(Exception):
@@ -160,14 +164,3 @@ def decode_frame(url: object, index: int = 0):
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError) as e:
         raise SessionError(400, f"{where}: not a readable image ({e})") from e
     return rgb if rgb.size == (FRAME_SIZE, FRAME_SIZE) else rgb.resize((FRAME_SIZE, FRAME_SIZE), Image.BICUBIC)
-
-
-def frame_spans_of(mm_positions: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
-    """(offset, h, w) of square frames from their placeholder (offset, length) ranges."""
-    spans = []
-    for offset, length in mm_positions:
-        side = int(round(length ** 0.5))
-        if side * side != length:
-            raise ValueError(f"a session frame has {length} tokens, not a square grid (frames are 448 x 448)")
-        spans.append((offset, side, side))
-    return spans

@@ -11,18 +11,20 @@ What is ours and why:
 - The SWA layer is Qwen2 attention with a per-layer window whose KV is a fixed ring per sequence
   (ring_attention.py), and M-RoPE computed from the positions rather than from a table sized by a
   maximum position, so no sequence length is out of range.
-- Weight loading maps the released names (both layer kinds under ``self_attn.*``) by layer kind.
+- Weight loading is vLLM's ``AutoWeightsLoader``; a ``WeightsMapper`` built from the layer rule
+  (infinitevl_kernels.layout) stacks the released names (both layer kinds under ``self_attn.*``) into the
+  fused parameters of each layer's kind.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from types import SimpleNamespace
-from unittest.mock import patch
 
 import torch
 from infinitevl_kernels.attention import apply_rope, mrope_cos_sin
 from infinitevl_kernels.gdn_batch import GDNBatch, GDNShape, gdn_forward_batch
+from infinitevl_kernels.layout import GDN_CONVS, GDN_INPUT, LAYER_PREFIX, MLP_GATE_UP, SWA_QKV, is_swa_layer, rope_of
 from infinitevl_kernels.triton_gdn import gdn_decode_slots, gdn_prefill_varlen
 from torch import nn
 from vllm.compilation.decorators import support_torch_compile
@@ -33,7 +35,6 @@ from vllm.model_executor.layers.fusion.mm_input_norm import build_mm_input_norm
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
-from vllm.model_executor.layers.mamba.gdn import olmo_gdn_linear_attn as _olmo_gdn
 from vllm.model_executor.layers.mamba.gdn.olmo_gdn_linear_attn import OlmoHybridGatedDeltaNetAttention
 from vllm.model_executor.layers.mamba.mamba_utils import (
     MambaStateCopyFuncCalculator,
@@ -42,19 +43,29 @@ from vllm.model_executor.layers.mamba.mamba_utils import (
     is_conv_state_dim_first,
 )
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
-from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid
 from vllm.model_executor.models.qwen2 import Qwen2MLP
 from vllm.model_executor.models.qwen2_5_vl import (
     Qwen2_5_VisionTransformer,
     Qwen2_5_VLForConditionalGeneration,
 )
-from vllm.model_executor.models.utils import make_empty_intermediate_tensors_factory, maybe_prefix
+from vllm.model_executor.models.utils import (
+    AutoWeightsLoader,
+    WeightsMapper,
+    make_empty_intermediate_tensors_factory,
+    maybe_prefix,
+)
 from vllm.platforms import current_platform
-from vllm.v1.attention.backends.gdn_attn import GDNAttentionMetadata
+from vllm.v1.attention.backends.gdn_attn import (
+    GDNAttentionBackend,
+    GDNAttentionMetadata,
+    GDNAttentionMetadataBuilder,
+)
 
-from .config import InfiniteVLTextConfig, is_swa_layer
+from .config import InfiniteVLTextConfig
 from .ring_attention import RingSlidingWindowAttention
+from .step_requests import StepRequests, step_requests_of
+from .vllm_patches import keep_conv_weight_layout, without_triton_allocator
 
 
 def _gdn_layer_config(cfg: InfiniteVLTextConfig) -> SimpleNamespace:
@@ -82,21 +93,67 @@ def _check_gdn_config(cfg: InfiniteVLTextConfig) -> None:
         raise ValueError("InfiniteVL GDN layers need use_short_conv=True, use_gate=True, conv_bias=False")
 
 
+class InfiniteVLGDNMetadataBuilder(GDNAttentionMetadataBuilder):
+    """vLLM's GDN metadata, plus: a request whose state was copied into its slot before its first chunk
+    (a streaming session's) starts from that state (its per-request data in the model's StepRequests)."""
+
+    def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config: VllmConfig, device: torch.device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.step_requests = step_requests_of(vllm_config, layer_names)
+
+    def build(self, common_prefix_len, common_attn_metadata, *args, **kwargs):
+        md = super().build(common_prefix_len, common_attn_metadata, *args, **kwargs)
+        if self.step_requests is None or md.has_initial_state is None or md.spec_sequence_masks is not None:
+            return md
+        rows = self.step_requests.initial_states(md.has_initial_state.shape[0])
+        if rows is not None and any(rows):
+            mask = torch.tensor(rows, dtype=torch.bool, device=md.has_initial_state.device)
+            md.has_initial_state = md.has_initial_state | mask
+            if md.prefill_has_initial_state is not None:
+                md.prefill_has_initial_state = md.has_initial_state[md.num_decodes:]
+        return md
+
+
+class InfiniteVLGDNBackend(GDNAttentionBackend):
+    @staticmethod
+    def get_builder_cls() -> type[InfiniteVLGDNMetadataBuilder]:
+        return InfiniteVLGDNMetadataBuilder
+
+
 class InfiniteVLGatedDeltaNet(OlmoHybridGatedDeltaNetAttention):
     """GDN mixer; its conv + recurrent state is the sequence's slot in vLLM's mamba cache."""
 
-    def __init__(self, cfg: InfiniteVLTextConfig, vllm_config: VllmConfig, prefix: str):
+    def __init__(self, cfg: InfiniteVLTextConfig, vllm_config: VllmConfig, prefix: str,
+                 step_requests: StepRequests | None = None):
         _check_gdn_config(cfg)
         if current_platform.is_cpu():
-            # The parent installs a Triton scratch allocator for its GPU kernels; the CPU path runs
-            # no Triton, and the Triton beside the CPU build may lack triton.set_allocator.
-            with patch.object(_olmo_gdn, "set_triton_allocator", lambda device: None):
+            with without_triton_allocator():
                 super().__init__(_gdn_layer_config(cfg), vllm_config, prefix=prefix)
         else:
             super().__init__(_gdn_layer_config(cfg), vllm_config, prefix=prefix)
-        # Keep the (C, 1, K) conv weight as it is (vLLM's CPU GEMM dispatch would repack it).
-        self.conv1d._cpu_skip_gemm_dispatch = True
+        keep_conv_weight_layout(self.conv1d)
         self.o_norm.eps = cfg.norm_eps
+        self.step_requests = step_requests  # the model's; the metadata builder finds it through this layer
+
+    def get_attn_backend(self):
+        return InfiniteVLGDNBackend
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """vLLM's loader, except the fused conv: its loader takes the shard id the WeightsMapper put on each
+        q/k/v conv tensor as an argument (a ColumnParallelLinear has no load_weights to read it)."""
+        conv = self.conv1d.weight
+        loaded: set[str] = set()
+
+        def others():
+            for name, w in weights:
+                if name == "conv1d.weight":
+                    conv.weight_loader(conv, w, w.shard_id)
+                    loaded.add(name)
+                else:
+                    yield name, w
+
+        rest = set(AutoWeightsLoader(self).load_weights(others()))
+        return loaded | rest
 
     def _forward_core(self, mixed_qkv, b, a, core_attn_out):
         """Our slot-pool GDN on every device: decodes (first in the batch) in one batched recurrence,
@@ -151,7 +208,8 @@ class InfiniteVLSlidingAttention(nn.Module):
     """Qwen2.5 attention (q/k/v bias, GQA, M-RoPE) over the last `attention_window` tokens, whose KV
     is a fixed ring per sequence (see ring_attention.py)."""
 
-    def __init__(self, cfg: InfiniteVLTextConfig, vllm_config: VllmConfig, prefix: str):
+    def __init__(self, cfg: InfiniteVLTextConfig, vllm_config: VllmConfig, prefix: str,
+                 step_requests: StepRequests | None = None):
         super().__init__()
         tp = get_tensor_model_parallel_world_size()
         self.head_dim = cfg.head_dim
@@ -165,7 +223,8 @@ class InfiniteVLSlidingAttention(nn.Module):
         self.o_proj = RowParallelLinear(cfg.num_attention_heads * self.head_dim, cfg.hidden_size, bias=False,
                                         quant_config=quant, prefix=f"{prefix}.o_proj")
         self.attn = RingSlidingWindowAttention(self.num_heads, self.head_dim, self.num_kv_heads, cfg.attention_window,
-                                               vllm_config.cache_config, quant, prefix=f"{prefix}.attn")
+                                               vllm_config.cache_config, quant, prefix=f"{prefix}.attn",
+                                               step_requests=step_requests)
 
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], hidden_states: torch.Tensor) -> torch.Tensor:
         qkv, _ = self.qkv_proj(hidden_states)
@@ -179,14 +238,15 @@ class InfiniteVLSlidingAttention(nn.Module):
 
 
 class InfiniteVLDecoderLayer(nn.Module):
-    def __init__(self, cfg: InfiniteVLTextConfig, vllm_config: VllmConfig, layer_idx: int, prefix: str):
+    def __init__(self, cfg: InfiniteVLTextConfig, vllm_config: VllmConfig, layer_idx: int, prefix: str,
+                 step_requests: StepRequests | None = None):
         super().__init__()
         self.is_swa = is_swa_layer(layer_idx)
         mixer_prefix = f"{prefix}.self_attn"
         if self.is_swa:
-            self.self_attn = InfiniteVLSlidingAttention(cfg, vllm_config, mixer_prefix)
+            self.self_attn = InfiniteVLSlidingAttention(cfg, vllm_config, mixer_prefix, step_requests)
         else:
-            self.self_attn = InfiniteVLGatedDeltaNet(cfg, vllm_config, mixer_prefix)
+            self.self_attn = InfiniteVLGatedDeltaNet(cfg, vllm_config, mixer_prefix, step_requests)
         self.mlp = Qwen2MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act,
                             quant_config=vllm_config.quant_config, prefix=f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
@@ -218,8 +278,9 @@ class InfiniteVLTextModel(nn.Module):
         cfg: InfiniteVLTextConfig = vllm_config.model_config.hf_config.text_config
         self.config = cfg
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, prefix=f"{prefix}.embed_tokens")
+        self.step_requests = StepRequests()  # per-request data of each step, read by the layers' builders
         self.layers = nn.ModuleList(
-            InfiniteVLDecoderLayer(cfg, vllm_config, i, prefix=f"{prefix}.layers.{i}")
+            InfiniteVLDecoderLayer(cfg, vllm_config, i, prefix=f"{prefix}.layers.{i}", step_requests=self.step_requests)
             for i in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
@@ -231,8 +292,7 @@ class InfiniteVLTextModel(nn.Module):
         dtype = torch.promote_types(dtype, torch.float32)
         cfg = self.config
         positions = positions if positions.dim() == 2 else positions[None].expand(3, -1)
-        cos, sin = mrope_cos_sin(positions, cfg.head_dim, cfg.rope_parameters["rope_theta"],
-                                 cfg.rope_parameters["mrope_section"])
+        cos, sin = mrope_cos_sin(positions, cfg.head_dim, *rope_of(cfg))
         return cos.to(dtype), sin.to(dtype)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -248,14 +308,24 @@ class InfiniteVLTextModel(nn.Module):
         return hidden
 
 
-# Released name -> (vLLM parameter, shard id), by layer kind.
-_MLP_STACKS = [(".mlp.gate_proj.", ".mlp.gate_up_proj.", 0), (".mlp.up_proj.", ".mlp.gate_up_proj.", 1)]
-_SWA_STACKS = [(".q_proj.", ".qkv_proj.", "q"), (".k_proj.", ".qkv_proj.", "k"), (".v_proj.", ".qkv_proj.", "v")]
-_GDN_STACKS = [
-    (".q_proj.", ".in_proj_qkvg.", 0), (".k_proj.", ".in_proj_qkvg.", 1), (".v_proj.", ".in_proj_qkvg.", 2),
-    (".g_proj.", ".in_proj_qkvg.", 3),
-    (".q_conv1d.", ".conv1d.", 0), (".k_conv1d.", ".conv1d.", 1), (".v_conv1d.", ".conv1d.", 2),
-]
+def weights_mapper(cfg: InfiniteVLTextConfig) -> WeightsMapper:
+    """Released names -> (fused vLLM parameter, shard id), by each layer's kind (the layer rule and the
+    weight names of infinitevl_kernels.layout)."""
+    stacked = {}
+    for i in range(cfg.num_hidden_layers):
+        layer = LAYER_PREFIX.format(i=i)
+        for shard, n in enumerate(MLP_GATE_UP):
+            stacked[f"{layer}mlp.{n}_proj."] = (f"{layer}mlp.gate_up_proj.", shard)
+        mixer = f"{layer}self_attn."
+        if is_swa_layer(i):
+            for n in SWA_QKV:
+                stacked[f"{mixer}{n}_proj."] = (f"{mixer}qkv_proj.", n)
+        else:
+            for shard, n in enumerate(GDN_INPUT):
+                stacked[f"{mixer}{n}_proj."] = (f"{mixer}in_proj_qkvg.", shard)
+            for shard, n in enumerate(GDN_CONVS):
+                stacked[f"{mixer}{n}_conv1d."] = (f"{mixer}conv1d.", shard)
+    return WeightsMapper(orig_to_new_stacked=stacked)
 
 
 class InfiniteVLForCausalLM(nn.Module):
@@ -279,30 +349,6 @@ class InfiniteVLForCausalLM(nn.Module):
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.logits_processor(self.lm_head, hidden_states)
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        for name, w in weights:
-            if name.startswith("lm_head.") or "rotary_emb.inv_freq" in name:
-                continue  # tied to the embeddings
-            stacks = _MLP_STACKS
-            if ".layers." in name and ".self_attn." in name:
-                stacks = _SWA_STACKS if is_swa_layer(int(name.split(".layers.")[1].split(".")[0])) else _GDN_STACKS
-            for src, dst, shard in stacks:
-                if src in name:
-                    target = name.replace(src, dst)
-                    param = params[target]
-                    param.weight_loader(param, w, shard)
-                    break
-            else:
-                target = name
-                if target not in params:
-                    raise KeyError(f"checkpoint tensor {name} has no place in the InfiniteVL decoder")
-                param = params[target]
-                getattr(param, "weight_loader", default_weight_loader)(param, w)
-            loaded.add(target)
-        return loaded
 
 
 class InfiniteVLQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration, IsHybrid, HasInnerState):
@@ -338,6 +384,14 @@ class InfiniteVLQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGener
                 vllm_config=vllm_config, prefix=maybe_prefix(prefix, "language_model")
             )
         self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        mapper = weights_mapper(self.config.text_config) | self.hf_to_vllm_mapper
+        return AutoWeightsLoader(self).load_weights(weights, mapper=mapper)  # lm_head: tied, skipped as an alias
+
+    @property
+    def step_requests(self) -> StepRequests:
+        return self.language_model.model.step_requests
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
         return self.language_model.model(input_ids=input_ids, positions=positions,

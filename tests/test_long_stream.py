@@ -3,20 +3,16 @@ engine's memory stays flat along the way. Slow (about 10 minutes on 2 cores): `m
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 TOKENS = 1_000_000
 
 
 @pytest.mark.slow
 def test_one_million_tokens_with_flat_rss(tiny_ckpt):
-    from state_stream import CHUNK, GENERATED, stream_one_sequence
     from vllm_helpers import make_llm
+
+    from infinitevl_vllm.workloads import CHUNK, GENERATED, stream_one_sequence
 
     llm = make_llm(tiny_ckpt, max_num_seqs=1, max_model_len=TOKENS + GENERATED, max_num_batched_tokens=CHUNK,
                    enable_chunked_prefill=True, limit_mm_per_prompt={"image": 0, "video": 0})

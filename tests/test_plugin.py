@@ -1,4 +1,5 @@
-"""What the vLLM plugin changes in vLLM, checked without starting an engine."""
+"""What the vLLM plugin changes in vLLM, checked without starting an engine (the server hardening is
+turned on where InfiniteVL is served: here by calling it, as the engine-config rule does)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 from PIL import Image
 
 from infinitevl_vllm.plugin import register
+from infinitevl_vllm.vllm_patches import harden_media
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +43,7 @@ def test_remote_media_refused_without_allow_list(image_server):
     from vllm.multimodal.media.image import ImageMediaIO
 
     register()
+    harden_media()
     url, hits = image_server
     with pytest.raises(ValueError, match="remote media URLs are not fetched by default.*--allowed-media-domains"):
         MediaConnector().load_from_url(url, ImageMediaIO())
@@ -52,6 +55,7 @@ def test_remote_media_fetched_from_allowed_hosts(image_server):
     from vllm.multimodal.media.image import ImageMediaIO
 
     register()
+    harden_media()
     url, hits = image_server
     image = MediaConnector(allowed_media_domains=["127.0.0.1"]).load_from_url(url, ImageMediaIO())
     assert image.media.size == (32, 32) and hits == ["/x.png"]
@@ -67,6 +71,7 @@ def test_decompression_bomb_is_a_value_error():
     from vllm.multimodal.media.image import ImageMediaIO
 
     register()
+    harden_media()
 
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
@@ -82,6 +87,7 @@ def test_local_files_refused_without_allowed_path(tmp_path):
     from vllm.multimodal.media.image import ImageMediaIO
 
     register()
+    harden_media()
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     with pytest.raises(ValueError, match="--allowed-local-media-path"):
         MediaConnector().load_from_url(f"file://{tmp_path}/a.png", ImageMediaIO())

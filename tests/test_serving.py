@@ -20,6 +20,8 @@ import pytest
 from PIL import Image
 from vllm_helpers import running_server
 
+from infinitevl_vllm.workloads import image_data_url
+
 API_KEY = "test-key"
 MODEL = "infinitevl"
 SERVER_LOG: dict[str, Path] = {}
@@ -41,11 +43,7 @@ def client(server):
     return OpenAI(base_url=server + "/v1", api_key=API_KEY, max_retries=0)
 
 
-def image_url(fmt: str = "PNG", seed: int = 0, size=(96, 80)) -> str:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype("uint8")).save(buf, fmt)
-    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
+image_url = image_data_url
 
 
 def ask(client, *urls, text="What is this?", **kw):

@@ -5,12 +5,8 @@ along the stream: benchmarks/stream_session.py -> benchmarks/results/stream_sess
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 FRAMES = 10_000
 
@@ -18,8 +14,9 @@ FRAMES = 10_000
 @pytest.mark.slow
 @pytest.mark.timeout(3 * 3600)  # ~20 min on 2 idle cores; much more on a shared machine
 def test_ten_thousand_frames_through_one_session_with_flat_rss(tiny_ckpt):
-    from stream_session import run_stream
     from vllm_helpers import make_llm
+
+    from infinitevl_vllm.workloads import run_stream
 
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     try:

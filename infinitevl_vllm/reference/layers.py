@@ -98,8 +98,10 @@ class GatedDeltaNet(nn.Module):
         self.b_proj = nn.Linear(h, self.heads, bias=False)
         self.A_log = nn.Parameter(torch.zeros(self.heads))
         self.dt_bias = nn.Parameter(torch.zeros(self.heads))
-        for name, ch in (("q", self.key_dim), ("k", self.key_dim), ("v", self.value_dim)):
-            setattr(self, f"{name}_conv1d", nn.Conv1d(ch, ch, cfg.conv_size, groups=ch, bias=False))
+        def conv(ch: int) -> nn.Conv1d:  # depthwise short convolution
+            return nn.Conv1d(ch, ch, cfg.conv_size, groups=ch, bias=False)
+
+        self.q_conv1d, self.k_conv1d, self.v_conv1d = conv(self.key_dim), conv(self.key_dim), conv(self.value_dim)
         self.o_norm = RMSNorm(self.dv, self.eps)
         self.o_proj = nn.Linear(self.value_dim, h, bias=False)
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 from infinitevl_kernels import mrope_cos_sin
+from infinitevl_kernels.layout import rope_of
 from torch import nn
 
 from ..config import InfiniteVLConfig, is_swa_layer
@@ -109,9 +110,7 @@ class InfiniteVLReference(nn.Module):
     ) -> torch.Tensor:
         """Run the decoder over embeddings x [T, hidden] at M-RoPE positions [3, T], updating state."""
         tc = self.text_config
-        cos, sin = mrope_cos_sin(
-            positions, tc.head_dim, tc.rope_parameters["rope_theta"], tc.rope_parameters["mrope_section"]
-        )
+        cos, sin = mrope_cos_sin(positions, tc.head_dim, *rope_of(tc))
         token_pos = torch.arange(state.num_tokens, state.num_tokens + x.shape[0])
         for layer, layer_state in zip(self.model.layers, state.layers):
             x = layer(x, cos, sin, token_pos, layer_state, recurrent=recurrent)

@@ -18,12 +18,22 @@ At batch 1 the products run as fused Triton matrix-vector passes (``triton_ops.n
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from .gdn_batch import GDNShape
+from .layout import (
+    GDN_CONVS,
+    GDN_GATES,
+    GDN_INPUT,
+    LAYER_PREFIX,
+    MLP_GATE_UP,
+    SWA_QKV,
+    is_swa_layer,
+    ring_blocks,
+    rope_of,
+)
 from .triton_gdn import gdn_decode_slots, gdn_prefill_varlen
 from .triton_ops import gated_rmsnorm_heads, linear, norm_linear, rmsnorm, rope_qk_inplace, silu_linear
 from .triton_swa import swa_paged_decode, swa_paged_prefill
@@ -51,19 +61,17 @@ class DecoderDims:
     @classmethod
     def from_config(cls, tc) -> DecoderDims:
         """From an InfiniteVL text config (attribute names of ``InfiniteVLTextConfig``)."""
-        rp = getattr(tc, "rope_parameters", None) or {}
-        rs = getattr(tc, "rope_scaling", None) or {}
+        rope_theta, mrope_section = rope_of(tc)
         return cls(
             hidden=tc.hidden_size, intermediate=tc.intermediate_size, layers=tc.num_hidden_layers,
             heads=tc.num_attention_heads, kv_heads=tc.num_key_value_heads, head_dim=tc.head_dim,
             lin_heads=tc.num_linear_heads, dk=tc.linear_head_dim, dv=tc.linear_head_dim * tc.expand_v,
             conv=tc.conv_size, window=int(tc.sliding_window), vocab=tc.vocab_size, rms_eps=tc.rms_norm_eps,
-            norm_eps=tc.norm_eps, rope_theta=float(rp.get("rope_theta", getattr(tc, "rope_theta", 1e6))),
-            mrope_section=list(rp.get("mrope_section", rs.get("mrope_section"))),
+            norm_eps=tc.norm_eps, rope_theta=rope_theta, mrope_section=mrope_section,
         )
 
     def is_swa(self, i: int) -> bool:
-        return i % 4 == 0
+        return is_swa_layer(i)
 
     @property
     def gdn(self) -> GDNShape:
@@ -82,7 +90,7 @@ class InfiniteVLDecoderGPU:
         self.d, self.dtype, self.device = dims, dtype, torch.device(device)
         self.num_slots = num_slots
         self.ring_block_size = ring_block_size
-        self.ring_blocks = math.ceil(dims.window / ring_block_size) + 1
+        self.ring_blocks = ring_blocks(dims.window, ring_block_size)
         sdt = state_dtype or dtype
         self.swa_ids = [i for i in range(dims.layers) if dims.is_swa(i)]
         self.gdn_ids = [i for i in range(dims.layers) if not dims.is_swa(i)]
@@ -144,19 +152,19 @@ class InfiniteVLDecoderGPU:
         self.embed = t("model.embed_tokens.weight")
         self.final_norm = t("model.norm.weight")
         for i, L in enumerate(self.layers):
-            p = f"model.layers.{i}."
+            p = LAYER_PREFIX.format(i=i)
             a = p + "self_attn."
             L["in_norm"], L["post_norm"] = t(p + "input_layernorm.weight"), t(p + "post_attention_layernorm.weight")
-            L["gate_up"] = torch.cat([t(p + "mlp.gate_proj.weight"), t(p + "mlp.up_proj.weight")])
+            L["gate_up"] = torch.cat([t(p + f"mlp.{n}_proj.weight") for n in MLP_GATE_UP])
             L["down"] = t(p + "mlp.down_proj.weight")
             if d.is_swa(i):
-                L["qkv"] = torch.cat([t(a + f"{n}_proj.weight") for n in "qkv"])
-                L["qkv_bias"] = torch.cat([t(a + f"{n}_proj.bias") for n in "qkv"])
+                L["qkv"] = torch.cat([t(a + f"{n}_proj.weight") for n in SWA_QKV])
+                L["qkv_bias"] = torch.cat([t(a + f"{n}_proj.bias") for n in SWA_QKV])
                 L["o"] = t(a + "o_proj.weight")
             else:
-                L["inp"] = torch.cat([t(a + f"{n}_proj.weight") for n in "qkvgab"])
+                L["inp"] = torch.cat([t(a + f"{n}_proj.weight") for n in GDN_INPUT + GDN_GATES])
                 L["o"] = t(a + "o_proj.weight")
-                L["conv_w"] = torch.cat([t(a + f"{n}_conv1d.weight")[:, 0] for n in "qkv"])
+                L["conv_w"] = torch.cat([t(a + f"{n}_conv1d.weight")[:, 0] for n in GDN_CONVS])
                 L["A_log"] = sd[a + "A_log"].to(self.device, torch.float32)
                 L["dt_bias"] = sd[a + "dt_bias"].to(self.device, torch.float32)
                 L["o_norm"] = t(a + "o_norm.weight")
