@@ -38,13 +38,12 @@ class StepRequests:
         self.starts.pop(req_id, None)
 
     def rows(self, n: int) -> list[RequestStart | None] | None:
-        """The starts of the batch's first n rows (None when no request of the step has one)."""
+        """The starts of the batch's first n rows (None when no request of the step has one). Rows past the
+        batch's requests are CUDA-graph padding: they have none."""
         if not self.starts or self._batch_req_ids is None:
             return None
-        req_ids = self._batch_req_ids()
-        if len(req_ids) < n:
-            return None
-        rows = [self.starts.get(r) for r in req_ids[:n]]
+        req_ids = list(self._batch_req_ids())[:n]
+        rows = [self.starts.get(r) for r in req_ids] + [None] * (n - len(req_ids))
         return rows if any(r is not None for r in rows) else None
 
     def token_offsets(self, n: int) -> list[int] | None:
