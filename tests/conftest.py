@@ -28,6 +28,35 @@ def small_window_ckpt(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("tiny_w16"), "tiny", seed=1, sliding_window=SMALL_WINDOW)
 
 
+@pytest.fixture(scope="module")
+def image_server():
+    """A 127.0.0.1 HTTP server that answers every GET with a small PNG: (its image URL, the paths asked for)."""
+    import http.server
+    import io
+    import threading
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), "red").save(buf, "PNG")
+    hits: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.end_headers()
+            self.wfile.write(buf.getvalue())
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}/x.png", hits
+    srv.shutdown()
+    srv.server_close()
+
+
 def random_image(seed: int, size: tuple[int, int] = (224, 224)) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype("uint8"))

@@ -3,39 +3,11 @@ turned on where InfiniteVL is served: here by calling it, as the engine-config r
 
 from __future__ import annotations
 
-import http.server
-import io
-import threading
-
 import pytest
 from PIL import Image
 
 from infinitevl_vllm.plugin import register
 from infinitevl_vllm.vllm_patches import harden_media
-
-
-@pytest.fixture(scope="module")
-def image_server():
-    buf = io.BytesIO()
-    Image.new("RGB", (32, 32), "red").save(buf, "PNG")
-    hits: list[str] = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            hits.append(self.path)
-            self.send_response(200)
-            self.send_header("Content-Type", "image/png")
-            self.end_headers()
-            self.wfile.write(buf.getvalue())
-
-        def log_message(self, *args):
-            pass
-
-    srv = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}/x.png", hits
-    srv.shutdown()
-    srv.server_close()
 
 
 def test_remote_media_refused_without_allow_list(image_server):

@@ -5,42 +5,14 @@ allow-list and answers a file:// URL with vLLM's own error, where an InfiniteVL 
 
 from __future__ import annotations
 
-import http.server
-import io
 import os
-import threading
 
 import pytest
-from PIL import Image
 from vllm_helpers import running_server
 
 from infinitevl_vllm.vllm_patches import FILE_URL_REFUSED, HARDEN_MEDIA_ENV, REMOTE_MEDIA_REFUSED
 
 pytestmark = pytest.mark.timeout(900)
-
-
-@pytest.fixture(scope="module")
-def image_server():
-    buf = io.BytesIO()
-    Image.new("RGB", (64, 64), "red").save(buf, "PNG")
-    hits: list[str] = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            hits.append(self.path)
-            self.send_response(200)
-            self.send_header("Content-Type", "image/png")
-            self.end_headers()
-            self.wfile.write(buf.getvalue())
-
-        def log_message(self, *args):
-            pass
-
-    srv = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}/x.png", hits
-    srv.shutdown()
-    srv.server_close()
 
 
 def test_qwen_twin_gets_stock_vllm_media_handling(tmp_path_factory, image_server):
