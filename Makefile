@@ -20,7 +20,7 @@ test: venv
 test-slow: venv
 	$(PY) -m pytest -q -m slow
 
-# The GPU suite (tests/gpu; meant to take under 9 minutes on 2 H200s); writes benchmarks/results/gpu_vllm_checks.json.
+# The GPU suite (tests/gpu, on a CUDA host with vllm==0.32.0); writes benchmarks/results/gpu_vllm_checks.json.
 test-gpu:
 	PYTHONPATH=$(CURDIR):$(CURDIR)/kernels$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PY) -m pytest -q -p no:cacheprovider -m gpu tests/gpu
 
