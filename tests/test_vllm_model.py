@@ -19,6 +19,7 @@ from conftest import SMALL_WINDOW, random_image
 from transformers import AutoProcessor
 from vllm_helpers import (
     chat_prompt,
+    check_batch_of_8_equals_each_alone,
     make_llm,
     prompt_logprobs_of,
     random_texts,
@@ -88,13 +89,7 @@ def test_short_video(llm, ref, processor):
 
 
 def test_batch_of_8_equals_each_alone(llm, processor):
-    prompts = [vllm_prompt(chat_prompt(processor, random_texts([n], seed=n)[0])) for n in (1, 5, 17, 40, 90, 3, 160, 8)]
-    prompts[2] = vllm_prompt(chat_prompt(processor, "Describe it.", n_images=1), images=[random_image(5)])
-    sp = _sampling(max_tokens=10, prompt_logprobs=None)
-    together = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, sp, use_tqdm=False)]
-    alone = [list(llm.generate([p], sp, use_tqdm=False)[0].outputs[0].token_ids) for p in prompts]
-    assert together == alone
-    assert all(len(t) == 10 for t in together)
+    check_batch_of_8_equals_each_alone(llm, processor, _sampling(max_tokens=10, prompt_logprobs=None))
 
 
 def test_bfloat16_close_to_reference(small_window_ckpt, ref, processor, llm_bf16):

@@ -16,7 +16,15 @@ import time
 import pytest
 import torch
 from conftest import SMALL_WINDOW, random_image
-from vllm_helpers import chat_prompt, prompt_logprobs_of, random_texts, reference_inputs, video_frames, vllm_prompt
+from vllm_helpers import (
+    chat_prompt,
+    check_batch_of_8_equals_each_alone,
+    prompt_logprobs_of,
+    random_texts,
+    reference_inputs,
+    video_frames,
+    vllm_prompt,
+)
 
 from .helpers import F32_CHUNK, Prompt
 
@@ -68,15 +76,7 @@ def test_short_video(llm_f32, ours_ref, ours_processor):
 
 
 def test_batch_of_8_equals_each_prompt_alone(llm_f32, ours_processor):
-    """Greedy tokens of 8 prompts (lengths 1 to 160 words, one with an image) run together equal each run alone."""
-    prompts = [vllm_prompt(chat_prompt(ours_processor, random_texts([n], seed=n)[0]))
-               for n in (1, 5, 17, 40, 90, 3, 160, 8)]
-    prompts[2] = vllm_prompt(chat_prompt(ours_processor, "Describe it.", n_images=1), images=[random_image(5)])
-    sp = _sampling(max_tokens=10, prompt_logprobs=None)
-    together = [list(o.outputs[0].token_ids) for o in llm_f32.generate(prompts, sp, use_tqdm=False)]
-    alone = [list(llm_f32.generate([p], sp, use_tqdm=False)[0].outputs[0].token_ids) for p in prompts]
-    assert together == alone
-    assert all(len(t) == 10 for t in together)
+    check_batch_of_8_equals_each_alone(llm_f32, ours_processor, _sampling(max_tokens=10, prompt_logprobs=None))
 
 
 def test_chunked_prefill_across_the_window_and_the_chunks(llm_f32, ours_ref, ours_processor):
