@@ -99,37 +99,55 @@ def prompt_logprobs_of(output) -> list[float]:
     return out
 
 
+class ServerProcess:
+    """`infinitevl-vllm serve ...` (with stock=True: vLLM's own server module, `vllm serve`'s twin, given CKPT as
+    --model) started in the background on a free 127.0.0.1 port, so that several servers can start while
+    other work runs. `wait_healthy` blocks until /health answers; `stop` ends the whole process group."""
+
+    def __init__(self, serve_args: list[str], log: Path, env: dict | None = None, stock: bool = False):
+        from infinitevl_vllm.demo import free_port
+
+        port = free_port()
+        if stock:
+            head = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", serve_args[0]]
+        else:  # `python -m` rather than the console script: pip may put scripts away from sys.executable
+            head = [sys.executable, "-m", "infinitevl_vllm.cli", "serve", serve_args[0]]
+        self.log, self.base = log, f"http://127.0.0.1:{port}"
+        self.started = time.monotonic()
+        self.ready_after_s: float | None = None  # seconds from start to the first healthy answer seen
+        with open(log, "w") as f:
+            self.proc = subprocess.Popen([*head, *serve_args[1:], "--host", "127.0.0.1", "--port", str(port)],
+                                         stdout=f, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+
+    def wait_healthy(self, timeout_s: float = 600) -> str:
+        """The base URL, once /health answers."""
+        deadline = time.monotonic() + timeout_s
+        while self.ready_after_s is None:
+            assert self.proc.poll() is None, f"server exited: {self.log.read_text()[-3000:]}"
+            try:
+                with urllib.request.urlopen(self.base + "/health", timeout=2):
+                    self.ready_after_s = round(time.monotonic() - self.started, 1)
+            except OSError:
+                assert time.monotonic() < deadline, f"server did not become healthy in {timeout_s:.0f} s"
+                time.sleep(1)
+        return self.base
+
+    def stop(self) -> None:
+        if self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
 @contextlib.contextmanager
 def running_server(serve_args: list[str], log: Path, env: dict | None = None, stock: bool = False):
-    """`infinitevl-vllm serve ...` (with stock=True: vLLM's own server module, `vllm serve`'s twin, given
-    CKPT as --model) on a free 127.0.0.1 port; yields its base URL once /health answers and stops the whole
-    process group on exit."""
-    from infinitevl_vllm.demo import free_port
-
-    port = free_port()
-    if stock:
-        head = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", serve_args[0]]
-    else:  # `python -m` rather than the console script: pip may put scripts away from sys.executable
-        head = [sys.executable, "-m", "infinitevl_vllm.cli", "serve", serve_args[0]]
-    cmd = [*head, *serve_args[1:], "--host", "127.0.0.1", "--port", str(port)]
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    base = f"http://127.0.0.1:{port}"
+    """A `ServerProcess` for the duration of a with-block: yields its base URL once healthy."""
+    server = ServerProcess(serve_args, log, env, stock)
     try:
-        deadline = time.time() + 600
-        while True:
-            assert proc.poll() is None, f"server exited: {log.read_text()[-3000:]}"
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2):
-                    break
-            except OSError:
-                assert time.time() < deadline, "server did not become healthy in 600 s"
-                time.sleep(1)
-        yield base
+        yield server.wait_healthy()
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        server.stop()

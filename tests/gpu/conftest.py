@@ -4,9 +4,14 @@ Every engine runs with vLLM's defaults for compilation (torch.compile in VLLM_CO
 graphs FULL_AND_PIECEWISE): `start_engine` refuses `enforce_eager`, `compilation_config` and
 `optimization_level`, and records the modes each engine ended up with, as its workers report them
 (vLLM lowers the CUDA-graph mode at start-up when an attention backend cannot be captured whole, and
-only the worker's config shows that). Engines are small (gpu_memory_utilization 0.12 each,
-max_model_len 4096, at most 32 sequences), so that all of them fit on GPU 0 side by side, and start
-on first use.
+only the worker's config shows that); servers record the modes their start-up log shows.
+
+A cold start-up compiles for one to two minutes, so the two servers (bf16 with tensor parallel 2, and
+with data parallel 2 for the examples) start in the background when the session's first test sets up,
+while the in-process engines start one after another. Engines are small (max_model_len 4096, at most
+32 sequences) and each gets a fixed KV-cache budget (`kv_cache_memory_bytes`: vLLM then skips its
+memory profiling, which would count memory that engines starting beside it take), so all of them fit
+on the GPUs side by side.
 
 At the end, when CUDA was available and at least one gpu test ran, the session writes
 benchmarks/results/gpu_vllm_checks.json (`build_record` says what is in it).
@@ -18,6 +23,7 @@ import datetime
 import importlib
 import json
 import os
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -33,10 +39,13 @@ REPO = Path(__file__).resolve().parents[2]
 GPU_TESTS = Path(__file__).resolve().parent
 RESULTS = REPO / "benchmarks" / "results" / "gpu_vllm_checks.json"
 
-GPU_MEMORY_UTILIZATION = 0.12  # of each GPU, per engine: several engines share GPU 0
+GPU_MEMORY_UTILIZATION = 0.12  # of each GPU, per engine: several engines share a GPU
+KV_CACHE_BYTES = 2 << 30  # per engine and GPU: hundreds of 4096-token sequences of the tiny preset
 BASE_OPTIONS: dict[str, Any] = dict(max_model_len=4096, gpu_memory_utilization=GPU_MEMORY_UTILIZATION, seed=0,
+                                    kv_cache_memory_bytes=KV_CACHE_BYTES,
                                     enable_prefix_caching=False)  # ours refuses it anyway; the twin too, for fairness
 BF16_OPTIONS: dict[str, Any] = dict(dtype="bfloat16", max_num_seqs=32, limit_mm_per_prompt={"image": 2, "video": 1})
+API_KEY = "gpu-test-key"
 DEFAULT_MODES = {"mode": "VLLM_COMPILE", "cudagraph_mode": "FULL_AND_PIECEWISE"}
 
 # Process-wide settings while this session's engines live; neither changes what an engine computes.
@@ -192,14 +201,78 @@ def llm_twin_bf16(vllm_env, twin_ckpt):
     stop_engine(llm)
 
 
-@pytest.fixture(scope="session")
-def llm_bf16_tp2(vllm_env, small_window_ckpt):
-    """`llm_bf16` with tensor_parallel_size=2 (GPUs 0 and 1)."""
-    if torch.cuda.device_count() < 2:
-        pytest.skip("tensor parallel 2 needs 2 GPUs")
-    llm = start_engine("infinitevl_bf16_tp2", small_window_ckpt, tensor_parallel_size=2, **BF16_OPTIONS)
-    yield llm
-    stop_engine(llm)
+# -- servers (started in the background) -------------------------------------------------------------
+def server_env() -> dict[str, str]:
+    """This process's environment without the test session's engine settings; the repository importable
+    (examples/chat_image.py imports infinitevl_vllm)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_ALLOW_INSECURE_SERIALIZATION")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), str(REPO / "kernels"), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def modes_in_log(text: str) -> dict[str, Any]:
+    """Compilation and CUDA-graph modes of every engine core a server log shows, any lowering it logs, and
+    `defaults`: at least one engine seen and all at VLLM_COMPILE + FULL_AND_PIECEWISE, none lowered."""
+    modes = re.findall(r"'mode': <CompilationMode\.(\w+)", text)
+    graphs = re.findall(r"'cudagraph_mode': <CUDAGraphMode\.(\w+)", text)
+    lowered = re.findall(r"setting cudagraph_mode=(\w+)", text)
+    return {"modes": modes, "cudagraph_modes": graphs, "lowered_to": lowered,
+            "defaults": bool(modes) and set(modes) == {DEFAULT_MODES["mode"]}
+            and set(graphs) == {DEFAULT_MODES["cudagraph_mode"]} and not lowered}
+
+
+def _bf16_server_args(ckpt: Path) -> list[str]:
+    """`BF16_OPTIONS` + `BASE_OPTIONS` as `infinitevl-vllm serve` arguments."""
+    return [str(ckpt), "--api-key", API_KEY, "--dtype", "bfloat16", "--max-model-len", "4096",
+            "--max-num-seqs", "32", "--gpu-memory-utilization", str(GPU_MEMORY_UTILIZATION),
+            "--kv-cache-memory-bytes", str(KV_CACHE_BYTES), "--seed", "0", "--no-enable-prefix-caching",
+            "--limit-mm-per-prompt", '{"image": 2, "video": 1}']
+
+
+class Server:
+    """A background server of this session: its process, and its entry in the record."""
+
+    def __init__(self, name: str, args: list[str], log: Path):
+        from vllm_helpers import ServerProcess
+
+        self.name, self.log, self.model = name, log, args[0]  # served under the checkpoint's path
+        self.entry = RECORD["engines"][name] = {"model": Path(args[0]).name, "server_args": args[1:],
+                                                "defaults": False}
+        self.process = ServerProcess(args, log, server_env())
+
+    def url(self) -> str:
+        """Its base URL once healthy; records its start-up seconds (first healthy answer seen) and modes."""
+        try:
+            base = self.process.wait_healthy()
+        except BaseException:
+            self.entry["log_tail"] = self.log.read_text(errors="replace")[-3000:] if self.log.exists() else None
+            raise
+        finally:
+            self.entry["startup_s"] = self.process.ready_after_s
+        self.entry.update(modes_in_log(self.log.read_text(errors="replace")))
+        return base
+
+
+@pytest.fixture(scope="session", autouse=True)
+def servers(small_window_ckpt, tmp_path_factory) -> Iterator[dict[str, Server]]:
+    """Started when the session's first test sets up: `dp` (ours, bf16, data parallel 2 with 2 GPUs or more,
+    else 1) and, with 2 GPUs, `tp2` (ours, bf16, tensor parallel 2). Same options as `llm_bf16`."""
+    logs = tmp_path_factory.mktemp("servers")
+    dp = 2 if torch.cuda.device_count() >= 2 else 1
+    RECORD["serve"] = {"data_parallel_size": dp, "examples": {}}
+    started = {"dp": Server(f"infinitevl_bf16_dp{dp}_server",
+                            [*_bf16_server_args(small_window_ckpt), "--data-parallel-size", str(dp)],
+                            logs / "dp.log")}
+    if torch.cuda.device_count() >= 2:
+        started["tp2"] = Server("infinitevl_bf16_tp2_server",
+                                [*_bf16_server_args(small_window_ckpt), "--tensor-parallel-size", "2"],
+                                logs / "tp2.log")
+    try:
+        yield started
+    finally:
+        for server in started.values():
+            server.process.stop()
 
 
 # -- references (CPU, float32) --------------------------------------------------------------------------
@@ -259,7 +332,8 @@ def parity(llm_bf16, llm_twin_bf16, ours_ref, ours_processor, twin_f32, twin_pro
         ids, lp = hf_prompt_logprobs(twin_f32, twin_processor, prompt, images)
         assert twin_ids == ids, "vLLM and the HF processor tokenised differently (twin)"
         twin_f32_lps.append(lp)
-    result = Parity(prompts, [lp for _, lp in ours], ours_f32, [lp for _, lp in twin], twin_f32_lps)
+    result = Parity(prompts, [ids for ids, _ in ours], [lp for _, lp in ours], ours_f32, [lp for _, lp in twin],
+                    twin_f32_lps)
     gpu_record["parity"] = result.summary()
     return result
 
@@ -311,7 +385,7 @@ def build_record(complete: bool = False) -> dict[str, Any]:
         "engine_defaults": all(e.get("defaults") is True for e in engines.values()) if engines else None,
         "gpu_tests": counts,
         "parity_bf16_ratio_vs_qwen": RECORD.get("parity", {}).get("ratio"),
-        "tp2": _all_passed("test_tensor_parallel.py") if gpu_count >= 2 else None,
+        "tp2": _all_passed("test_tensor_parallel.py") if gpu_count >= 2 else None,  # skipped with one GPU
         "dp2": _all_passed("test_serve.py") if serve.get("data_parallel_size") == 2 else None,
         "gpu": torch.cuda.get_device_name(0),
         "gpu_count": gpu_count,

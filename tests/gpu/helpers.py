@@ -24,10 +24,45 @@ PARITY_TEXT_WORDS = (5, 40, 200, 800)
 PARITY_MAX_RATIO = 1.5
 
 
+def parity_questions() -> list[tuple[str, list[Image.Image]]]:
+    """(user text, images) of the parity prompts, before the chat template."""
+    return [*((t, []) for t in random_texts(PARITY_TEXT_WORDS, seed=11)), ("Describe it.", [random_image(0)])]
+
+
 def parity_prompts(processor) -> list[Prompt]:
-    prompts: list[Prompt] = [(chat_prompt(processor, t), None) for t in random_texts(PARITY_TEXT_WORDS, seed=11)]
-    prompts.append((chat_prompt(processor, "Describe it.", n_images=1), [random_image(0)]))
-    return prompts
+    return [(chat_prompt(processor, text, n_images=len(images)), images or None)
+            for text, images in parity_questions()]
+
+
+def server_prompt_logprobs(base_url: str, model: str, questions: list[tuple[str, list[Image.Image]]],
+                           api_key: str) -> list[tuple[list[int], torch.Tensor]]:
+    """`vllm_prompt_logprobs` through a server's /v1/chat/completions (`prompt_logprobs: 0`, images as PNG data
+    URLs), one request per question; the server applies the checkpoint's chat template itself."""
+    import base64
+    import io
+    import json
+    import urllib.request
+
+    def data_url(image: Image.Image) -> str:
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+    out = []
+    for text, images in questions:
+        content = [*({"type": "image_url", "image_url": {"url": data_url(im)}} for im in images),
+                   {"type": "text", "text": text}]
+        body = {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 1,
+                "temperature": 0.0, "prompt_logprobs": 0}
+        request = urllib.request.Request(base_url + "/v1/chat/completions", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json", "Authorization": f"Bearer {api_key}"})
+        with urllib.request.urlopen(request, timeout=300) as response:
+            positions = json.load(response)["prompt_logprobs"][1:]  # the first token has none
+        # prompt_logprobs=0: each position holds only the prompt's own token, keyed by its id
+        assert all(len(p) == 1 for p in positions), "more than the prompt token's log-prob came back"
+        ids = [int(next(iter(p))) for p in positions]
+        out.append((ids, torch.tensor([next(iter(p.values()))["logprob"] for p in positions], dtype=torch.float64)))
+    return out
 
 
 def vllm_prompt_logprobs(llm, prompts: list[Prompt]) -> list[tuple[list[int], torch.Tensor]]:
@@ -63,6 +98,7 @@ class Parity:
     """Prompt log-probs of the parity prompts, measured in one run (see the `parity` fixture)."""
 
     prompts: list[Prompt]
+    token_ids: list[list[int]]  # of each prompt, the same on all four sides
     ours_bf16: list[torch.Tensor]  # InfiniteVL on vLLM (CUDA, bf16, vLLM's defaults)
     ours_f32: list[torch.Tensor]  # the reference model, float32
     twin_bf16: list[torch.Tensor]  # the Qwen2.5-VL twin on vLLM's Qwen2.5-VL (CUDA, bf16, vLLM's defaults)
