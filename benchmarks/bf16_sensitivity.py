@@ -1,0 +1,157 @@
+"""How much bf16 rounding moves the prompt log-probs of the tiny InfiniteVL checkpoint and of its Qwen2.5-VL
+twin, as plain float32 models on the CPU, without any serving code: the yardstick behind the GPU suite's bf16
+parity bar (tests/gpu/test_bf16.py: our bf16 engine's error at most 1.5x the twin's).
+
+Both checkpoints are the GPU suite's (``make_checkpoint(..., "tiny", seed=1)``; ours with a 16-token window,
+the twin with ``arch="qwen2_5_vl"``), on the suite's parity prompts (4 texts of 5 to 800 words and an image
+question, same seeds). For each model, the mean |log-prob - float32 log-prob| over every prompt position when:
+
+- ``bf16_model``: the whole model runs in bf16 (ours: the reference model; the twin: transformers);
+- ``embeddings_rounded``: only the input embeddings are rounded to bf16, the rest float32;
+- ``per_sublayer``: a relative Gaussian error of 2^-9 (bf16's rounding) is added to one sublayer's output
+  (attention or linear-attention mixer, or MLP), one at a time, texts only.
+
+Writes benchmarks/results/bf16_sensitivity.json. About 5 minutes on 2 cores.
+
+    python benchmarks/bf16_sensitivity.py [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from PIL import Image
+from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+from infinitevl_vllm.checkpoint import load_reference, make_checkpoint
+from infinitevl_vllm.reference import MultimodalInputs
+
+TEXT_WORDS = (5, 40, 200, 800)  # tests/gpu/helpers.PARITY_TEXT_WORDS
+WORDS = "red cat runs over the blue hill and sings loudly while dogs bark".split()
+BF16_RELATIVE = 2.0**-9
+
+
+def texts(seed: int = 11) -> list[str]:
+    """The GPU suite's parity texts (tests/vllm_helpers.random_texts with its seed)."""
+    g = torch.Generator().manual_seed(seed)
+    return [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (n,), generator=g).tolist()) for n in TEXT_WORDS]
+
+
+def image(seed: int = 0, size: tuple[int, int] = (224, 224)) -> Image.Image:
+    """The suite's first random image (tests/conftest.random_image)."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype("uint8"))
+
+
+def prompts(processor) -> list[tuple[str, list[Image.Image]]]:
+    def chat(text: str, n_images: int) -> str:
+        content = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
+        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                             tokenize=False)
+
+    return [*((chat(t, 0), []) for t in texts()), (chat("Describe it.", 1), [image()])]
+
+
+class Side:
+    """One model (ours or the twin) with a way to get its prompt log-probs in float32 or bf16."""
+
+    def __init__(self, name: str, ckpt: Path):
+        self.name, self.ckpt = name, ckpt
+        self.processor = AutoProcessor.from_pretrained(ckpt)
+        self.prompts = prompts(self.processor)
+        self.f32 = self.load(torch.float32)
+
+    def load(self, dtype: torch.dtype):
+        if self.name == "ours":
+            return load_reference(self.ckpt, dtype=dtype)
+        return Qwen2_5_VLForConditionalGeneration.from_pretrained(self.ckpt, dtype=dtype).eval()
+
+    def decoder_layers(self, model) -> list[torch.nn.Module]:
+        return list(model.model.layers if self.name == "ours" else model.model.language_model.layers)
+
+    def embeddings(self, model) -> torch.nn.Module:
+        return model.model.embed_tokens if self.name == "ours" else model.model.language_model.embed_tokens
+
+    @torch.no_grad()
+    def logprobs(self, model, with_images: bool = True) -> torch.Tensor:
+        out = []
+        for prompt, images in self.prompts:
+            if images and not with_images:
+                continue
+            batch = self.processor(text=[prompt], return_tensors="pt", **({"images": images} if images else {}))
+            if self.name == "ours":
+                out.append(model.prompt_logprobs(MultimodalInputs.from_processor(batch)).double())
+            else:
+                batch = batch.to(dtype=model.dtype) if model.dtype != torch.float32 else batch
+                logits, ids = model(**batch).logits[0], batch["input_ids"][0]
+                out.append(torch.log_softmax(logits[:-1].double(), -1).gather(-1, ids[1:, None]).squeeze(-1))
+        return torch.cat(out)
+
+
+def hooked(module: torch.nn.Module, change: Callable[[torch.Tensor], torch.Tensor]):
+    """A forward hook that replaces the module's output (or its first element) by change(output)."""
+
+    def hook(_, __, output):
+        if isinstance(output, tuple):
+            return (change(output[0]), *output[1:])
+        return change(output)
+
+    return module.register_forward_hook(hook)
+
+
+def measure(side: Side) -> dict:
+    base = side.logprobs(side.f32)
+    result = {"prompt_positions": int(base.numel())}
+    result["bf16_model"] = float((side.logprobs(side.load(torch.bfloat16)) - base).abs().mean())
+    handle = hooked(side.embeddings(side.f32), lambda t: t.bfloat16().to(t.dtype))
+    result["embeddings_rounded"] = float((side.logprobs(side.f32) - base).abs().mean())
+    handle.remove()
+    texts_base, gen = side.logprobs(side.f32, with_images=False), torch.Generator().manual_seed(0)
+
+    def noise(t: torch.Tensor) -> torch.Tensor:
+        return t + t * BF16_RELATIVE * torch.randn(t.shape, generator=gen, dtype=t.dtype)
+
+    rows = []
+    for i, layer in enumerate(side.decoder_layers(side.f32)):
+        for part in ("self_attn", "mlp"):
+            handle = hooked(getattr(layer, part), noise)
+            moved = float((side.logprobs(side.f32, with_images=False) - texts_base).abs().mean())
+            handle.remove()
+            kind = part if side.name == "twin" or part == "mlp" else ("swa" if layer.is_swa else "gdn")
+            rows.append({"layer": i, "sublayer": kind, "mean_abs": moved})
+    result["per_sublayer"] = rows
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bf16_sensitivity.json")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        ours = make_checkpoint(Path(tmp) / "ours", "tiny", seed=1, sliding_window=16)
+        twin = make_checkpoint(Path(tmp) / "twin", "tiny", seed=1, arch="qwen2_5_vl")
+        results = {name: measure(Side(name, ckpt)) for name, ckpt in (("ours", ours), ("twin", twin))}
+    ratios = {k: results["ours"][k] / results["twin"][k] for k in ("bf16_model", "embeddings_rounded")}
+    record = {"results": results, "ratio_ours_over_twin": ratios,
+              "env": {"torch": torch.__version__, "transformers": transformers.__version__,
+                      "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    for name, r in results.items():
+        rows = r["per_sublayer"]
+        print(f"{name}: bf16 model {r['bf16_model']:.4f}, embeddings rounded {r['embeddings_rounded']:.4f};",
+              "per sublayer:", " ".join(f"{x['layer']}{x['sublayer'][0]}={x['mean_abs']:.4f}" for x in rows))
+    print("ratios ours/twin:", {k: round(v, 2) for k, v in ratios.items()}, "->", args.out)
+
+
+if __name__ == "__main__":
+    main()
