@@ -1,11 +1,11 @@
 """GDN decode on CUDA, the two candidates for the served path, at InfiniteVL-4B's shapes (bf16):
 
-- ours: ``infinitevl_kernels.triton_gdn.gdn_decode_slots`` (conv + recurrence in place on the slot pool);
+- ours: ``infinitevl_kernels.gdn.triton_batch.gdn_decode_slots`` (conv + recurrence in place on the slot pool);
 - vLLM's: what its OLMo-hybrid GDN layer runs for a decode batch (``causal_conv1d_update``, the fused
   gating kernel, fla's ``fused_recurrent_gated_delta_rule`` with state indices).
 
 Both are captured in a CUDA graph (the served decode step runs in one) and timed over replays; both are
-checked against ``gdn_batch.gdn_decode_batch`` in float64. Writes benchmarks/results/gdn_decode_paths.json.
+checked against ``gdn.batch.gdn_decode_batch`` in float64. Writes benchmarks/results/gdn_decode_paths.json.
 
     python3 benchmarks/gdn_decode_paths.py [--out PATH]
 """
@@ -19,8 +19,8 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from infinitevl_kernels.gdn_batch import GDNShape, gdn_decode_batch
-from infinitevl_kernels.triton_gdn import gdn_decode_slots
+from infinitevl_kernels.gdn.batch import GDNShape, gdn_decode_batch
+from infinitevl_kernels.gdn.triton_batch import gdn_decode_slots
 
 H, DK, DV, K = 16, 128, 256, 4  # InfiniteVL-4B's GDN layer
 SHAPE = GDNShape(H, DK, DV)

@@ -104,13 +104,13 @@ def running_server(serve_args: list[str], log: Path, env: dict | None = None, st
     """`infinitevl-vllm serve ...` (with stock=True: vLLM's own server module, `vllm serve`'s twin, given
     CKPT as --model) on a free 127.0.0.1 port; yields its base URL once /health answers and stops the whole
     process group on exit."""
-    from infinitevl_vllm.demo import free_port
+    from infinitevl_vllm.tools.demo import free_port
 
     port = free_port()
     if stock:
         head = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", serve_args[0]]
     else:  # `python -m` rather than the console script: pip may put scripts away from sys.executable
-        head = [sys.executable, "-m", "infinitevl_vllm.cli", "serve", serve_args[0]]
+        head = [sys.executable, "-m", "infinitevl_vllm", "serve", serve_args[0]]
     cmd = [*head, *serve_args[1:], "--host", "127.0.0.1", "--port", str(port)]
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, env=env)

@@ -10,9 +10,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from infinitevl_kernels.gdn_batch import GDNBatch, GDNShape, gdn_decode_batch, gdn_forward_batch  # noqa: E402
-from infinitevl_kernels.triton_gdn import gdn_decode_slots, gdn_prefill_varlen  # noqa: E402
-from infinitevl_kernels.triton_swa import (  # noqa: E402
+from infinitevl_kernels.gdn.batch import GDNBatch, GDNShape, gdn_decode_batch, gdn_forward_batch  # noqa: E402
+from infinitevl_kernels.gdn.triton_batch import gdn_decode_slots, gdn_prefill_varlen  # noqa: E402
+from infinitevl_kernels.swa.triton_ring import (  # noqa: E402
     swa_paged_decode,
     swa_paged_decode_ref,
     swa_paged_forward,

@@ -1,6 +1,6 @@
 """Gated DeltaNet on a slot pool in Triton: decode in place, and varlen prefill from each slot's state.
 
-State layout is vLLM's (the one ``gdn_batch`` documents): conv ``[slots, C, K-1]`` (channels q|k|v),
+State layout is vLLM's (the one ``batch.py`` documents): conv ``[slots, C, K-1]`` (channels q|k|v),
 recurrent ``[slots, H, Dv, Dk]`` (value-major).  Decode reads and writes both pools by slot index
 inside the kernels, so a decode step moves each state exactly once (no gather/scatter copies).
 
@@ -11,7 +11,7 @@ in one launch (initial conv state read by slot, final one written back in place)
 recurrence to fla's chunked kernel on CUDA (initial states read by slot; the final states are
 written back by slot), or to the torch chunked reference elsewhere.
 
-Every function here has its torch reference in ``gdn_batch`` (``gdn_decode_batch``,
+Every function here has its torch reference in ``batch.py`` (``gdn_decode_batch``,
 ``gdn_forward_batch``); ``tests/triton/test_triton_kernels.py`` compares them, run in float64, under
 ``TRITON_INTERPRET=1``.
 """
@@ -24,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .gdn import gdn_chunked, gdn_gates
-from .gdn_batch import GDNBatch, GDNShape, gdn_forward_batch
+from .batch import GDNBatch, GDNShape, gdn_forward_batch
+from .reference import gdn_chunked, gdn_gates
 
 
 def triton_enabled(t: torch.Tensor) -> bool:
@@ -139,7 +139,7 @@ def gdn_decode_slots(
 ) -> torch.Tensor:
     """One GDN token for each of B sequences, states updated in place by slot (Triton).
 
-    Same contract as ``gdn_batch.gdn_decode_batch`` (its reference): mixed_qkv [B, C] before the
+    Same contract as ``batch.gdn_decode_batch`` (its reference): mixed_qkv [B, C] before the
     conv; a, b [B, H]; ssm_state [slots, H, Dv, Dk] with unit stride over Dk. Returns o [B, H, Dv].
     """
     B = mixed_qkv.shape[0]

@@ -22,10 +22,10 @@ from collections.abc import Iterable
 from types import SimpleNamespace
 
 import torch
-from infinitevl_kernels.attention import apply_rope, mrope_cos_sin
-from infinitevl_kernels.gdn_batch import GDNBatch, GDNShape, gdn_forward_batch
+from infinitevl_kernels.gdn.batch import GDNBatch, GDNShape, gdn_forward_batch
+from infinitevl_kernels.gdn.triton_batch import gdn_decode_slots, gdn_prefill_varlen
 from infinitevl_kernels.layout import GDN_CONVS, GDN_INPUT, LAYER_PREFIX, MLP_GATE_UP, SWA_QKV, is_swa_layer, rope_of
-from infinitevl_kernels.triton_gdn import gdn_decode_slots, gdn_prefill_varlen
+from infinitevl_kernels.rope import apply_rope, mrope_cos_sin
 from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
@@ -62,10 +62,10 @@ from vllm.v1.attention.backends.gdn_attn import (
     GDNAttentionMetadataBuilder,
 )
 
-from .config import InfiniteVLTextConfig
+from ..config import InfiniteVLTextConfig
+from ..vllm_patches import keep_conv_weight_layout, without_triton_allocator
 from .ring_attention import RingSlidingWindowAttention
 from .step_requests import StepRequests, step_requests_of
-from .vllm_patches import keep_conv_weight_layout, without_triton_allocator
 
 
 def _gdn_layer_config(cfg: InfiniteVLTextConfig) -> SimpleNamespace:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .gdn import causal_conv1d, gdn_chunked, gdn_gates, l2norm
+from .reference import causal_conv1d, gdn_chunked, gdn_gates, l2norm
 
 
 @dataclass
