@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from infinitevl_kernels.gdn.batch import GDNShape
+from infinitevl_kernels.gdn.batch import GDNLayer, GDNShape
 from infinitevl_kernels.gdn.triton_batch import gdn_decode_slots, gdn_prefill_varlen
 from infinitevl_kernels.layout import (
     GDN_CONVS,
@@ -211,14 +211,14 @@ class InfiniteVLDecoderGPU:
         gate = proj[:, 2 * key + val : 2 * key + 2 * val]
         a = proj[:, 2 * key + 2 * val : 2 * key + 2 * val + H]
         b = proj[:, 2 * key + 2 * val + H :]
-        kw = dict(conv_weight=L["conv_w"], A_log=L["A_log"], dt_bias=L["dt_bias"], conv_state=self.conv_pool[j],
-                  ssm_state=self.ssm_pool[j], shape=sh)
+        layer = GDNLayer(conv_weight=L["conv_w"], A_log=L["A_log"], dt_bias=L["dt_bias"],
+                         conv_state=self.conv_pool[j], ssm_state=self.ssm_pool[j], shape=sh)
         if decode:
-            o = gdn_decode_slots(mixed, a, b, slots=slots, **kw)
+            o = gdn_decode_slots(mixed, a, b, layer, slots=slots)
         else:
             cu, _, has_init, max_len = meta
-            o = gdn_prefill_varlen(mixed, a, b, slots=slots, has_initial_state=has_init, cu_seqlens=cu,
-                                   max_len=max_len, **kw)
+            o = gdn_prefill_varlen(mixed, a, b, layer, slots=slots, has_initial_state=has_init, cu_seqlens=cu,
+                                   max_len=max_len)
         return linear(gated_rmsnorm_heads(o, gate, L["o_norm"], d.norm_eps), L["o"]), x
 
     def _swa(self, L, j, x, h, cos, sin, decode: bool, table, meta, token_pos):
