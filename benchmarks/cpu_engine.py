@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 
-from infinitevl_vllm.workloads import TreeRSS
+from infinitevl_vllm.tools.workloads import TreeRSS
 
 
 def main() -> None:

@@ -1,11 +1,11 @@
 """GDN decode on CUDA, the two candidates for the served path, at InfiniteVL-4B's shapes (bf16):
 
-- ours: ``infinitevl_kernels.triton_gdn.gdn_decode_slots`` (conv + recurrence in place on the slot pool);
+- ours: ``infinitevl_kernels.gdn.triton_batch.gdn_decode_slots`` (conv + recurrence in place on the slot pool);
 - vLLM's: what its OLMo-hybrid GDN layer runs for a decode batch (``causal_conv1d_update``, the fused
   gating kernel, fla's ``fused_recurrent_gated_delta_rule`` with state indices).
 
 Both are captured in a CUDA graph (the served decode step runs in one) and timed over replays; both are
-checked against ``gdn_batch.gdn_decode_batch`` in float64. Writes benchmarks/results/gdn_decode_paths.json.
+checked against ``gdn.batch.gdn_decode_batch`` in float64. Writes benchmarks/results/gdn_decode_paths.json.
 
     python3 benchmarks/gdn_decode_paths.py [--out PATH]
 """
@@ -19,8 +19,8 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from infinitevl_kernels.gdn_batch import GDNShape, gdn_decode_batch
-from infinitevl_kernels.triton_gdn import gdn_decode_slots
+from infinitevl_kernels.gdn.batch import GDNLayer, GDNShape, gdn_decode_batch
+from infinitevl_kernels.gdn.triton_batch import gdn_decode_slots
 
 H, DK, DV, K = 16, 128, 256, 4  # InfiniteVL-4B's GDN layer
 SHAPE = GDNShape(H, DK, DV)
@@ -46,8 +46,9 @@ def vllm_decode(x, a, b, conv_weight, A_log, dt_bias, conv_state, ssm_state, slo
 
 
 def ours_decode(x, a, b, conv_weight, A_log, dt_bias, conv_state, ssm_state, slots):
-    return gdn_decode_slots(x, a, b, conv_weight=conv_weight, A_log=A_log, dt_bias=dt_bias, conv_state=conv_state,
-                            ssm_state=ssm_state, slots=slots, shape=SHAPE)
+    layer = GDNLayer(conv_weight=conv_weight, A_log=A_log, dt_bias=dt_bias, conv_state=conv_state,
+                     ssm_state=ssm_state, shape=SHAPE)
+    return gdn_decode_slots(x, a, b, layer, slots=slots)
 
 
 def graph_time_us(fn, iters: int = 200) -> float:
@@ -90,9 +91,9 @@ def main() -> None:
         conv0 = torch.randn(SLOTS, K - 1, C, device=dev, generator=g).to(bf)
         ssm0 = (torch.randn(SLOTS, H, DV, DK, device=dev, generator=g) * 0.1).to(bf)
         conv_ref, ssm_ref = conv0.double().transpose(-1, -2), ssm0.double()
-        want = gdn_decode_batch(x.double(), a.double(), b.double(), conv_weight=conv_weight.double(),
-                                A_log=A_log.double(), dt_bias=dt_bias.double(), conv_state=conv_ref,
-                                ssm_state=ssm_ref, slots=slots.long(), shape=SHAPE)
+        ref_layer = GDNLayer(conv_weight=conv_weight.double(), A_log=A_log.double(), dt_bias=dt_bias.double(),
+                             conv_state=conv_ref, ssm_state=ssm_ref, shape=SHAPE)
+        want = gdn_decode_batch(x.double(), a.double(), b.double(), ref_layer, slots=slots.long())
         row = {"batch": B}
         for name, fn in (("ours", ours_decode), ("vllm", vllm_decode)):
             conv, ssm = conv0.clone().transpose(-1, -2), ssm0.clone()

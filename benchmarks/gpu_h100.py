@@ -1,4 +1,5 @@
-"""H100 head-to-head: InfiniteVL-4B decoder on our Triton path vs the Qwen2.5-VL-3B text decoder.
+"""H100 head-to-head: InfiniteVL-4B decoder on our Triton path (the kernel study, kernel_study_decoder.py, not
+the served vLLM model) vs the Qwen2.5-VL-3B text decoder.
 
 One run builds, checks and times everything (issue #7). Needs torch + triton + CUDA, and fla 0.6.0
 for the GDN chunked prefill; no vLLM. Random bf16 weights in GPU memory, shapes from the "4b"
@@ -37,9 +38,14 @@ for p in (os.path.join(HERE, ".."), os.path.join(HERE, "..", "kernels")):
 
 import triton  # noqa: E402
 from infinitevl_kernels import triton_ops  # noqa: E402
-from infinitevl_kernels.gdn_batch import GDNBatch, GDNShape, gdn_decode_batch, gdn_forward_batch  # noqa: E402
-from infinitevl_kernels.gpu_model import DecodeGraphs, DecoderDims, InfiniteVLDecoderGPU  # noqa: E402
-from infinitevl_kernels.triton_gdn import gdn_decode_slots, gdn_prefill_varlen  # noqa: E402
+from infinitevl_kernels.gdn.batch import GDNBatch, GDNLayer, GDNShape, gdn_decode_batch, gdn_forward_batch  # noqa: E402
+from infinitevl_kernels.gdn.triton_batch import gdn_decode_slots, gdn_prefill_varlen  # noqa: E402
+from infinitevl_kernels.swa.triton_ring import (  # noqa: E402
+    swa_paged_decode,
+    swa_paged_decode_ref,
+    swa_paged_prefill,
+    swa_paged_prefill_ref,
+)
 from infinitevl_kernels.triton_ops import (  # noqa: E402
     linear,
     norm_linear,
@@ -49,12 +55,7 @@ from infinitevl_kernels.triton_ops import (  # noqa: E402
     silu_linear,
     silu_mul,
 )
-from infinitevl_kernels.triton_swa import (  # noqa: E402
-    swa_paged_decode,
-    swa_paged_decode_ref,
-    swa_paged_prefill,
-    swa_paged_prefill_ref,
-)
+from kernel_study_decoder import DecodeGraphs, DecoderDims, InfiniteVLDecoderGPU  # noqa: E402
 
 DEV = torch.device("cuda")
 BF = torch.bfloat16
@@ -301,9 +302,9 @@ def section_checks():
     x = torch.randn(4, C, generator=g, device=DEV).to(BF)
     a, b = torch.randn(4, 16, generator=g, device=DEV).to(BF), torch.randn(4, 16, generator=g, device=DEV).to(BF)
     c2, s2 = conv.clone(), ssm.clone()
-    o = gdn_decode_slots(x, a, b, conv_state=conv, ssm_state=ssm, slots=slots, shape=sh, **prm)
-    o_ref = gdn_decode_batch(x.double(), a.double(), b.double(), conv_state=c2, ssm_state=s2, slots=slots, shape=sh,
-                             **prm)
+    o = gdn_decode_slots(x, a, b, GDNLayer(conv_state=conv, ssm_state=ssm, shape=sh, **prm), slots=slots)
+    o_ref = gdn_decode_batch(x.double(), a.double(), b.double(), GDNLayer(conv_state=c2, ssm_state=s2, shape=sh, **prm),
+                             slots=slots)
     out["gdn_decode"] = dict(out=rel(o, o_ref), ssm=rel(ssm, s2), conv=rel(conv, c2))
     # varlen prefill through fla from slot states
     lens = [300, 77, 1]
@@ -313,12 +314,12 @@ def section_checks():
     a, b = torch.randn(T, 16, generator=g, device=DEV).to(BF), torch.randn(T, 16, generator=g, device=DEV).to(BF)
     c2, s2 = conv.clone(), ssm.clone()
     sl, init = [3, 0, 7], [True, False, True]
-    o = gdn_prefill_varlen(x, a, b, conv_state=conv, ssm_state=ssm, slots=torch.tensor(sl, device=DEV),
-                           has_initial_state=torch.tensor(init, device=DEV), cu_seqlens=torch.tensor(cu, device=DEV),
-                           max_len=max(lens), shape=sh, **prm)
+    o = gdn_prefill_varlen(x, a, b, GDNLayer(conv_state=conv, ssm_state=ssm, shape=sh, **prm),
+                           slots=torch.tensor(sl, device=DEV), has_initial_state=torch.tensor(init, device=DEV),
+                           cu_seqlens=torch.tensor(cu, device=DEV), max_len=max(lens))
     o_ref = torch.empty(T, 16, sh.head_v_dim, dtype=torch.float64, device=DEV)
-    gdn_forward_batch(x.double(), a.double(), b.double(), conv_state=c2, ssm_state=s2,
-                      batch=GDNBatch(cu, sl, init, num_decodes=0), shape=sh, out=o_ref, **prm)
+    gdn_forward_batch(x.double(), a.double(), b.double(), GDNLayer(conv_state=c2, ssm_state=s2, shape=sh, **prm),
+                      batch=GDNBatch(cu, sl, init, num_decodes=0), out=o_ref)
     out["gdn_prefill_varlen_fla"] = dict(out=rel(o, o_ref), ssm=rel(ssm, s2), conv=rel(conv, c2))
     # SWA on vLLM's paged ring, W = 8192, the vLLM model's block size, pages scattered over the cache
     W, Hq, Hkv, D = 8192, 16, 2, 128
@@ -422,7 +423,7 @@ def check_model():
 
 def ring_block_size() -> int:
     """The block size the vLLM model runs the 4B config with (a page holds one GDN layer's state)."""
-    from infinitevl_vllm.state import state_block_size
+    from infinitevl_vllm.model.state_size import state_block_size
 
     return state_block_size(load_4b().text_config, 16, BF, BF, BF)
 

@@ -47,8 +47,8 @@ def main() -> None:
     from openai import OpenAI
 
     from infinitevl_vllm.checkpoint import make_checkpoint
-    from infinitevl_vllm.demo import free_port
-    from infinitevl_vllm.workloads import image_data_url as image_url  # the same synthetic images as the tests
+    from infinitevl_vllm.tools.demo import free_port
+    from infinitevl_vllm.tools.workloads import image_data_url as image_url  # the same synthetic images as the tests
 
     ckpt = make_checkpoint(Path(tempfile.mkdtemp()) / "tiny", "tiny", seed=0)
     port = free_port()

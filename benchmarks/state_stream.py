@@ -9,7 +9,7 @@ Each sequence is a prompt of N token ids (prefilled in 8192-token chunks) follow
 tokens; decode latency is the median gap between the last 48 (the client may lag the engine while it
 takes in a long prompt's first output, and then catches up). RSS is sampled every 0.2 s over the
 engine's whole process tree. Also written: the bytes one sequence holds and the slot count for some
-memory budgets, from the formula in infinitevl_vllm/state.py (which the test suite checks against
+memory budgets, from the formula in infinitevl_vllm/model/state_size.py (which the test suite checks against
 the engine's allocation).
 """
 
@@ -24,17 +24,17 @@ from pathlib import Path
 import psutil
 import torch
 
-from infinitevl_vllm.workloads import CHUNK, GENERATED, stream_one_sequence
+from infinitevl_vllm.tools.workloads import CHUNK, GENERATED, stream_one_sequence
 
 
 def slots_for_budgets(preset: str, dtype: torch.dtype, alignment: int, budgets_gib: list[int]) -> dict:
-    from infinitevl_vllm import state
     from infinitevl_vllm.checkpoint import preset_config
     from infinitevl_vllm.config import InfiniteVLConfig
+    from infinitevl_vllm.model import state_size
 
     cfg = InfiniteVLConfig(**preset_config(preset)).text_config
-    block = state.state_block_size(cfg, alignment, dtype, dtype, dtype)
-    per_seq = state.allocated_sequence_bytes(cfg, block, dtype)
+    block = state_size.state_block_size(cfg, alignment, dtype, dtype, dtype)
+    per_seq = state_size.allocated_sequence_bytes(cfg, block, dtype)
     return {"preset": preset, "dtype": str(dtype).removeprefix("torch."), "block_size": block,
             "bytes_per_sequence": per_seq,
             "slots": {f"{b} GiB": (b << 30) // per_seq for b in budgets_gib}}
@@ -74,7 +74,7 @@ def main() -> None:
     from vllm import LLM
 
     from infinitevl_vllm.checkpoint import make_checkpoint
-    from infinitevl_vllm.state_manager import StatePool
+    from infinitevl_vllm.model.state_manager import StatePool
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = make_checkpoint(Path(tmp) / "tiny", "tiny", seed=0)

@@ -20,7 +20,7 @@ import platform
 import tempfile
 from pathlib import Path
 
-from infinitevl_vllm.workloads import run_stream
+from infinitevl_vllm.tools.workloads import run_stream
 
 
 def plot(doc: dict, path: Path) -> None:

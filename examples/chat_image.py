@@ -26,7 +26,7 @@ def main() -> None:
     if a.image:
         url = data_url(a.image)
     else:
-        from infinitevl_vllm.demo import demo_image_data_url
+        from infinitevl_vllm.tools.demo import demo_image_data_url
 
         url = demo_image_data_url()
     client = OpenAI(base_url=a.base_url, api_key=a.api_key)

@@ -7,7 +7,7 @@ import logging
 
 from .config import ARCHITECTURE, register_with_transformers
 
-MODEL_CLASS = "infinitevl_vllm.vllm_model:InfiniteVLQwen2_5_VLForConditionalGeneration"
+MODEL_CLASS = "infinitevl_vllm.model.vllm_model:InfiniteVLQwen2_5_VLForConditionalGeneration"
 logger = logging.getLogger("vllm.infinitevl_vllm")  # under vLLM's configured logger
 
 PREFIX_CACHING_REFUSED = (
@@ -71,7 +71,7 @@ def _fix_state_block_size(vllm_config) -> None:
     from vllm.platforms import current_platform
     from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
 
-    from .state import STATE_BLOCK_SIZE_KEY, state_block_size
+    from .model.state_size import STATE_BLOCK_SIZE_KEY, state_block_size
     from .vllm_patches import choose_block_size
 
     cache, model = vllm_config.cache_config, vllm_config.model_config
@@ -97,7 +97,7 @@ def _default_cpu_state_budget(vllm_config) -> None:
     from vllm.platforms import current_platform
     from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
 
-    from .state import allocated_sequence_bytes
+    from .model.state_size import allocated_sequence_bytes
 
     cache = vllm_config.cache_config
     if not current_platform.is_cpu() or cache.kv_cache_memory_bytes is not None:
@@ -118,7 +118,7 @@ def _default_cpu_state_budget(vllm_config) -> None:
 def _sessions_worker_extension(vllm_config) -> None:
     """The streaming sessions' RPC is a worker extension class, vLLM's way to add worker methods for
     collective_rpc; a user's own extension class is kept (the sessions' RPC is then unavailable)."""
-    from .sessions_worker import WORKER_EXTENSION
+    from .serving.sessions_worker import WORKER_EXTENSION
 
     parallel = vllm_config.parallel_config
     if not parallel.worker_extension_cls:
@@ -135,7 +135,7 @@ def register() -> None:
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
     from . import vllm_patches
-    from .state_manager import register_ring_kv_spec
+    from .model.state_manager import register_ring_kv_spec
 
     vllm_patches.check_vllm_version()
     register_with_transformers()

@@ -97,7 +97,7 @@ def log_state_pool() -> None:
     """One log line when the engine has sized its state pool (no log for a model without rings)."""
     from vllm.v1.engine.core import EngineCore
 
-    from .state_manager import StatePool
+    from .model.state_manager import StatePool
 
     def wrap(initialize_kv_caches):
         def initialize_and_log(self, vllm_config):
@@ -117,7 +117,7 @@ def slot_gauges_in_metrics() -> None:
     from vllm.v1.metrics.loggers import PrometheusStatLogger
 
     from .config import ARCHITECTURE
-    from .state_manager import record_slot_metrics
+    from .model.state_manager import record_slot_metrics
 
     def wrap(record):
         def record_with_slots(self, scheduler_stats, *args, **kwargs):
@@ -135,7 +135,7 @@ def skip_session_frames_in_mm_cache() -> None:
     end's and the engine's skip the same keys, so they stay mirrored). Other items are cached as before."""
     from vllm.multimodal.cache.base import BaseMultiModalCache
 
-    from .streaming import is_session_frame_key
+    from .serving.session_protocol import is_session_frame_key
 
     def wrap(cache_if_fits):
         def cache_unless_session_frame(self, cache, key, value):
@@ -154,7 +154,7 @@ def session_hooks_in_model_runner() -> None:
     writes the state back after the step that finishes its prompt. Requests of no session pass through."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    from .sessions_worker import after_step, before_step
+    from .serving.sessions_worker import after_step, before_step
 
     def wrap_update_states(update_states):
         def update_states_with_sessions(self, scheduler_output):

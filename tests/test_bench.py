@@ -7,9 +7,9 @@ import json
 import psutil
 import pytest
 
-from infinitevl_vllm.bench import BenchError, BenchSpec, check_spec, parse_list, parse_tokens
 from infinitevl_vllm.checkpoint import CheckpointError, make_checkpoint, twin_config
-from infinitevl_vllm.cli import main as cli
+from infinitevl_vllm.tools.bench import BenchError, BenchSpec, check_spec, parse_list, parse_tokens
+from infinitevl_vllm.tools.cli import main as cli
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def test_broken_infinitevl_checkpoint_is_named(tiny_ckpt, tmp_path):
 # -- a small run of every workload ------------------------------------------------------------------
 def test_small_run_of_every_workload_writes_a_complete_result(tiny_ckpt, twin_ckpt, tmp_path):
     """One engine per model runs all three workloads; both engines are gone afterwards."""
-    from infinitevl_vllm.bench import run_bench
+    from infinitevl_vllm.tools.bench import run_bench
 
     spec = BenchSpec(models=[str(tiny_ckpt), str(twin_ckpt)],
                      workloads=["decode-vs-context", "throughput", "streaming"],

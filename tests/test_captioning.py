@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from infinitevl_vllm.captioning import CaptionConfig, iter_images, load_done_ids, run_caption_job
+from infinitevl_vllm.tools.captioning import CaptionConfig, iter_images, load_done_ids, run_caption_job
 
 BATCH = 4
 ENGINE = dict(batch_size=BATCH, dtype="float32", enforce_eager=True)  # the same engine for every run here
@@ -136,7 +136,7 @@ def test_sigkill_then_rerun_gives_every_id_once(tiny_ckpt, tmp_path):
 @pytest.mark.slow
 def test_ray_two_workers_match_single_engine(tiny_ckpt, caption_llm, image_dir, tmp_path):
     """`--ray --workers 2` on a local Ray cluster: same ids and (greedy) captions as one engine."""
-    from infinitevl_vllm.captioning import run_on_ray
+    from infinitevl_vllm.tools.captioning import run_on_ray
 
     single = _run(tiny_ckpt, caption_llm, image_dir, tmp_path / "single.jsonl")
     out = tmp_path / "ray.jsonl"

@@ -21,7 +21,7 @@ def test_layer_kinds_ring_and_rope_from_one_source(tiny_ckpt):
 
 
 def test_weights_mapper_stacks_each_layer_by_its_kind(tiny_ckpt):
-    from infinitevl_vllm.vllm_model import weights_mapper
+    from infinitevl_vllm.model.vllm_model import weights_mapper
 
     cfg = InfiniteVLConfig.from_pretrained(tiny_ckpt).text_config
     m = weights_mapper(cfg)

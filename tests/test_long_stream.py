@@ -12,7 +12,7 @@ TOKENS = 1_000_000
 def test_one_million_tokens_with_flat_rss(tiny_ckpt):
     from vllm_helpers import make_llm
 
-    from infinitevl_vllm.workloads import CHUNK, GENERATED, stream_one_sequence
+    from infinitevl_vllm.tools.workloads import CHUNK, GENERATED, stream_one_sequence
 
     llm = make_llm(tiny_ckpt, max_num_seqs=1, max_model_len=TOKENS + GENERATED, max_num_batched_tokens=CHUNK,
                    enable_chunked_prefill=True, limit_mm_per_prompt={"image": 0, "video": 0})

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from infinitevl_kernels import sliding_window_attention
-from infinitevl_kernels.ring import PagedRing, ring_decode_attention, ring_prefill_attention
+from infinitevl_kernels.swa.ring import PagedRing, ring_decode_attention, ring_prefill_attention
 
 WINDOW, BLOCK, HQ, HKV, D = 16, 5, 4, 2, 8
 SCALE = D**-0.5

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 from vllm_helpers import running_server
 
-from infinitevl_vllm.workloads import image_data_url
+from infinitevl_vllm.tools.workloads import image_data_url
 
 API_KEY = "test-key"
 MODEL = "infinitevl"

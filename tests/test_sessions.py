@@ -17,7 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-from infinitevl_vllm.streaming import FRAME_TOKENS, SessionError, StreamCursor, question_text, stream_positions
+from infinitevl_vllm.serving.session_protocol import (
+    FRAME_TOKENS,
+    SessionError,
+    StreamCursor,
+    question_text,
+    stream_positions,
+)
 
 WINDOW = 320
 QUESTION = "What happened?"
@@ -116,7 +122,7 @@ def chosen_logprobs(out) -> list[float]:
 
 
 def test_frames_one_by_one_then_ask_equals_one_request_with_everything(llm):
-    from infinitevl_vllm.sessions import StreamSession, oneshot
+    from infinitevl_vllm.serving.sessions import StreamSession, oneshot
 
     frames = [frame(s) for s in range(4)]
     single = oneshot(llm, frames, QUESTION, greedy())
@@ -140,8 +146,8 @@ def test_a_session_answers_as_the_reference_model_fed_the_same_stream(llm, ckpt)
     from transformers import AutoProcessor
 
     from infinitevl_vllm.checkpoint import load_reference
-    from infinitevl_vllm.sessions import StreamSession
-    from infinitevl_vllm.streaming import DEFAULT_SYSTEM, append_text, prefix_text
+    from infinitevl_vllm.serving.session_protocol import DEFAULT_SYSTEM, append_text, prefix_text
+    from infinitevl_vllm.serving.sessions import StreamSession
     from tests.vllm_helpers import reference_inputs
 
     frames = [frame(s) for s in (30, 31, 32)]
@@ -182,7 +188,7 @@ def test_a_session_answers_as_the_reference_model_fed_the_same_stream(llm, ckpt)
 
 def test_asking_does_not_change_the_session(llm):
     """Ask twice: same answer. Frames appended after a question: as if it was never asked."""
-    from infinitevl_vllm.sessions import StreamSession
+    from infinitevl_vllm.serving.sessions import StreamSession
 
     a, b = [frame(s) for s in (10, 11)], [frame(s) for s in (12, 13)]
     with StreamSession(llm) as asked, StreamSession(llm) as never_asked:
@@ -200,7 +206,7 @@ def test_asking_does_not_change_the_session(llm):
 
 
 def test_a_bad_frame_is_refused_before_it_reaches_the_state(llm):
-    from infinitevl_vllm.sessions import StreamSession
+    from infinitevl_vllm.serving.sessions import StreamSession
 
     with StreamSession(llm) as s:
         s.append([frame(20)])
@@ -218,7 +224,7 @@ def test_frames_stay_out_of_vllms_multimodal_processor_cache(llm):
     session's memory grow for thousands of frames. Ordinary images are still cached."""
     from vllm import SamplingParams
 
-    from infinitevl_vllm.sessions import StreamSession
+    from infinitevl_vllm.serving.sessions import StreamSession
 
     cache = llm.llm_engine.renderer.mm_processor_cache
     entries = len(cache._cache)  # the LRU cache's entry count (no public accessor)
@@ -237,7 +243,7 @@ def test_a_preempted_question_resumes_on_the_state_it_forked_from(llm):
     from, not on the newer frames."""
     import time
 
-    from infinitevl_vllm.sessions import StreamSession, append_request, ask_request, decode_frames
+    from infinitevl_vllm.serving.sessions import StreamSession, append_request, ask_request, decode_frames
 
     engine = llm.llm_engine
     scheduler = engine.engine_core.engine_core.scheduler

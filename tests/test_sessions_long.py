@@ -16,7 +16,7 @@ FRAMES = 10_000
 def test_ten_thousand_frames_through_one_session_with_flat_rss(tiny_ckpt):
     from vllm_helpers import make_llm
 
-    from infinitevl_vllm.workloads import run_stream
+    from infinitevl_vllm.tools.workloads import run_stream
 
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     try:

@@ -17,8 +17,8 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from infinitevl_vllm import state
 from infinitevl_vllm.config import InfiniteVLConfig
+from infinitevl_vllm.model import state_size
 
 SLOTS = 3
 MAX_TOKENS = 10
@@ -37,7 +37,7 @@ def engine(small_window_ckpt):
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     llm = make_llm(small_window_ckpt, max_num_seqs=4, max_num_batched_tokens=max(CHUNK_SIZES),
                    enable_chunked_prefill=True, max_model_len=1_000_000,
-                   num_gpu_blocks_override=SLOTS * state.blocks_per_sequence(cfg, block_size) + 1)
+                   num_gpu_blocks_override=SLOTS * state_size.blocks_per_sequence(cfg, block_size) + 1)
     try:
         yield llm
     finally:
@@ -76,7 +76,7 @@ def _held_blocks(llm) -> dict[str, list[int]]:
 def _check_pool(llm) -> None:
     """No block is held twice, each live sequence holds exactly its slot and ring, and every block
     is either free or held."""
-    from infinitevl_vllm.state_manager import RingKVSpec
+    from infinitevl_vllm.model.state_manager import RingKVSpec
 
     held = _held_blocks(llm)
     ids = [b for blocks in held.values() for b in blocks]
@@ -208,7 +208,7 @@ def test_admission_is_by_slot_count_whatever_the_lengths(engine):
 def test_pool_matches_the_documented_bytes_per_sequence(engine, small_window_ckpt):
     """docs: page = block_size * 2 * kv_heads * head_dim * dtype bytes; a sequence holds one page per
     GDN layer and ceil(W / block_size) + 1 pages per SWA layer."""
-    from infinitevl_vllm.state_manager import StatePool
+    from infinitevl_vllm.model.state_manager import StatePool
 
     core = _core(engine)
     kv_config = core.scheduler.kv_cache_config

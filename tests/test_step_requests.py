@@ -1,7 +1,7 @@
 """Per-request step data: a session request's ring offset and initial state reach its batch row, whatever
 the row order, and rows a CUDA graph pads the batch with get none (they used to drop every row's data)."""
 
-from infinitevl_vllm.step_requests import RequestStart, StepRequests
+from infinitevl_vllm.model.step_requests import RequestStart, StepRequests
 
 
 def test_rows_follow_the_batch_order_and_padding_rows_have_no_start():

@@ -103,7 +103,7 @@ def test_lift_max_model_len(tiny_ckpt):
 def test_session_frames_skip_the_mm_cache():
     from vllm.multimodal.cache.base import BaseMultiModalCache
 
-    from infinitevl_vllm.streaming import FRAME_UUID_PREFIX
+    from infinitevl_vllm.serving.session_protocol import FRAME_UUID_PREFIX
 
     register()
 
@@ -209,8 +209,8 @@ def test_session_hooks_leave_other_models_alone():
     """A client may put any extra_args on a request to another model: the runner hook ignores it there."""
     from types import SimpleNamespace
 
-    from infinitevl_vllm import sessions_worker
-    from infinitevl_vllm.streaming import EXTRA_ARGS_KEY
+    from infinitevl_vllm.serving import sessions_worker
+    from infinitevl_vllm.serving.session_protocol import EXTRA_ARGS_KEY
 
     req = SimpleNamespace(sampling_params=SimpleNamespace(extra_args={EXTRA_ARGS_KEY: {"id": "s", "op": "append"}}),
                           num_computed_tokens=0, prompt_token_ids=[1, 2])

@@ -105,13 +105,13 @@ class ServerProcess:
     other work runs. `wait_healthy` blocks until /health answers; `stop` ends the whole process group."""
 
     def __init__(self, serve_args: list[str], log: Path, env: dict | None = None, stock: bool = False):
-        from infinitevl_vllm.demo import free_port
+        from infinitevl_vllm.tools.demo import free_port
 
         port = free_port()
         if stock:
             head = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", serve_args[0]]
         else:  # `python -m` rather than the console script: pip may put scripts away from sys.executable
-            head = [sys.executable, "-m", "infinitevl_vllm.cli", "serve", serve_args[0]]
+            head = [sys.executable, "-m", "infinitevl_vllm", "serve", serve_args[0]]
         self.log, self.base = log, f"http://127.0.0.1:{port}"
         self.started = time.monotonic()
         self.ready_after_s: float | None = None  # seconds from start to the first healthy answer seen
@@ -133,9 +133,10 @@ class ServerProcess:
         return self.base
 
     def stop(self) -> None:
-        if self.proc.poll() is not None:
+        try:  # the group, even when the server itself has exited: its engine processes may not have
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
             return
-        os.killpg(self.proc.pid, signal.SIGTERM)
         try:
             self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from infinitevl_kernels.attention import rotate_half
+from infinitevl_kernels.rope import rotate_half
 from torch import nn
 
 from .layers import RMSNorm

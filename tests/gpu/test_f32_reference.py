@@ -130,8 +130,8 @@ def test_stream_session_frame_by_frame_equals_one_request_with_everything(llm_f3
     from PIL import Image
     from vllm import SamplingParams
 
-    from infinitevl_vllm.sessions import StreamSession, oneshot
-    from infinitevl_vllm.streaming import FRAME_TOKENS
+    from infinitevl_vllm.serving.session_protocol import FRAME_TOKENS
+    from infinitevl_vllm.serving.sessions import StreamSession, oneshot
 
     def frame(seed: int) -> Image.Image:
         return Image.fromarray((np.random.default_rng(seed).random((448, 448, 3)) * 255).astype("uint8"))

@@ -10,9 +10,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from infinitevl_kernels.gdn_batch import GDNBatch, GDNShape, gdn_decode_batch, gdn_forward_batch  # noqa: E402
-from infinitevl_kernels.triton_gdn import gdn_decode_slots, gdn_prefill_varlen  # noqa: E402
-from infinitevl_kernels.triton_swa import (  # noqa: E402
+from infinitevl_kernels.gdn.batch import GDNBatch, GDNLayer, GDNShape, gdn_decode_batch, gdn_forward_batch  # noqa: E402
+from infinitevl_kernels.gdn.triton_batch import gdn_decode_slots, gdn_prefill_varlen  # noqa: E402
+from infinitevl_kernels.swa.triton_ring import (  # noqa: E402
     swa_paged_decode,
     swa_paged_decode_ref,
     swa_paged_forward,
@@ -62,9 +62,9 @@ def test_gdn_decode_updates_only_its_slots_in_place():
     a, b = torch.randn(B, SHAPE.num_heads, generator=g), torch.randn(B, SHAPE.num_heads, generator=g)
     conv_ref, ssm_ref = conv.clone(), ssm.clone()
     conv_ptr, ssm_ptr = conv.data_ptr(), ssm.data_ptr()
-    o = gdn_decode_slots(x, a, b, conv_state=conv, ssm_state=ssm, slots=slots, shape=SHAPE, **params)
-    o_ref = gdn_decode_batch(x.double(), a.double(), b.double(), conv_state=conv_ref, ssm_state=ssm_ref, slots=slots,
-                             shape=SHAPE, **params)  # the torch reference, in float64
+    o = gdn_decode_slots(x, a, b, GDNLayer(conv_state=conv, ssm_state=ssm, shape=SHAPE, **params), slots=slots)
+    o_ref = gdn_decode_batch(x.double(), a.double(), b.double(),  # the torch reference, in float64
+                             GDNLayer(conv_state=conv_ref, ssm_state=ssm_ref, shape=SHAPE, **params), slots=slots)
     assert conv.data_ptr() == conv_ptr and ssm.data_ptr() == ssm_ptr
     assert rel(o, o_ref) < 1e-5
     assert rel(conv, conv_ref) < 1e-6 and rel(ssm, ssm_ref) < 1e-5
@@ -80,8 +80,9 @@ def test_gdn_decode_reads_a_transposed_conv_pool_view():
     slots = torch.tensor([2, 1])
     x = torch.randn(2, conv.shape[1], generator=g)
     a, b = torch.randn(2, SHAPE.num_heads, generator=g), torch.randn(2, SHAPE.num_heads, generator=g)
-    o1 = gdn_decode_slots(x, a, b, conv_state=conv, ssm_state=ssm.clone(), slots=slots, shape=SHAPE, **params)
-    o2 = gdn_decode_slots(x, a, b, conv_state=conv_t, ssm_state=ssm.clone(), slots=slots, shape=SHAPE, **params)
+    o1 = gdn_decode_slots(x, a, b, GDNLayer(conv_state=conv, ssm_state=ssm.clone(), shape=SHAPE, **params), slots=slots)
+    o2 = gdn_decode_slots(x, a, b, GDNLayer(conv_state=conv_t, ssm_state=ssm.clone(), shape=SHAPE, **params),
+                          slots=slots)
     assert rel(o1, o2) < 1e-6 and torch.allclose(conv, conv_t)
 
 
@@ -96,13 +97,13 @@ def test_gdn_prefill_varlen_from_each_slot(lens, init):
     a, b = torch.randn(T, SHAPE.num_heads, generator=g), torch.randn(T, SHAPE.num_heads, generator=g)
     conv_ref, ssm_ref = conv.clone(), ssm.clone()
     o = gdn_prefill_varlen(
-        x, a, b, conv_state=conv, ssm_state=ssm, slots=torch.tensor(slots), has_initial_state=torch.tensor(init),
-        cu_seqlens=torch.tensor(cu), max_len=max(lens), shape=SHAPE, **params,
+        x, a, b, GDNLayer(conv_state=conv, ssm_state=ssm, shape=SHAPE, **params), slots=torch.tensor(slots),
+        has_initial_state=torch.tensor(init), cu_seqlens=torch.tensor(cu), max_len=max(lens),
     )
     o_ref = torch.empty(T, SHAPE.num_heads, SHAPE.head_v_dim, dtype=torch.float64)
     gdn_forward_batch(  # the torch reference, in float64
-        x.double(), a.double(), b.double(), conv_state=conv_ref, ssm_state=ssm_ref,
-        batch=GDNBatch(cu, slots, init, num_decodes=0), shape=SHAPE, out=o_ref, **params,
+        x.double(), a.double(), b.double(), GDNLayer(conv_state=conv_ref, ssm_state=ssm_ref, shape=SHAPE, **params),
+        batch=GDNBatch(cu, slots, init, num_decodes=0), out=o_ref,
     )
     assert rel(o, o_ref) < 1e-4
     assert rel(conv, conv_ref) < 1e-6 and rel(ssm, ssm_ref) < 1e-4

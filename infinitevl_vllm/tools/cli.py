@@ -14,7 +14,7 @@ import sys
 
 
 def _make_checkpoint(argv: list[str]) -> int:
-    from .checkpoint import ARCHES, PRESETS, TWIN_PRESETS, make_checkpoint
+    from ..checkpoint import ARCHES, PRESETS, TWIN_PRESETS, make_checkpoint
 
     p = argparse.ArgumentParser(prog="infinitevl-vllm make-checkpoint",
                                 description="Write a checkpoint in the released format with seeded random weights.")
@@ -39,7 +39,7 @@ def _make_checkpoint(argv: list[str]) -> int:
 
 
 def _serve(argv: list[str]) -> int:
-    from .serve import main as serve_main
+    from ..serving.serve import main as serve_main
 
     return serve_main(argv)
 
@@ -77,7 +77,7 @@ def _caption(argv: list[str]) -> int:
     cfg = CaptionConfig(model=a.model, images=a.images, out=a.out, prompt=a.prompt, max_tokens=a.max_tokens,
                         batch_size=a.batch_size, seed=a.seed, temperature=a.temperature, quiet=a.quiet,
                         max_model_len=a.max_model_len, dtype=a.dtype, enforce_eager=a.enforce_eager)
-    from .checkpoint import validate_checkpoint
+    from ..checkpoint import validate_checkpoint
 
     validate_checkpoint(a.model)
     counts = run_on_ray(cfg, a.workers) if a.ray else run_caption_job(cfg)
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # one clear line for user errors such as a broken checkpoint
-        from .checkpoint import CheckpointError
+        from ..checkpoint import CheckpointError
 
         if isinstance(e, CheckpointError):
             print(f"infinitevl-vllm {argv[0]}: {e}", file=sys.stderr)

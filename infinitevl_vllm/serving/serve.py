@@ -24,8 +24,8 @@ def serve_environment(args: list[str], env) -> list[str]:
     it, and that list then also gates general plugins, so name both (keeping any the user named).
     `--max-sessions N` (ours, not vLLM's) is taken out of the arguments and passed on in the environment.
     The server's media hardening (vllm_patches.harden_media) applies to whatever this command serves."""
+    from ..vllm_patches import HARDEN_MEDIA_ENV
     from .sessions import MAX_SESSIONS_ENV
-    from .vllm_patches import HARDEN_MEDIA_ENV
 
     env[HARDEN_MEDIA_ENV] = "1"
 
@@ -55,7 +55,7 @@ def main(argv: list[str]) -> int:
         return 0 if argv else 2
     ckpt, rest = argv[0], argv[1:]
     if os.path.isdir(ckpt):
-        from .checkpoint import CheckpointError, validate_checkpoint
+        from ..checkpoint import CheckpointError, validate_checkpoint
 
         try:
             validate_checkpoint(ckpt)

@@ -1,4 +1,6 @@
-"""The InfiniteVL decoder on the Triton kernels: slot-pool states, ring KV, CUDA-graph decode.
+"""Kernel study: the InfiniteVL decoder on the Triton kernels (slot-pool states, ring KV, CUDA-graph decode),
+timed by gpu_h100.py. Nothing serves it (the served model is infinitevl_vllm/model/vllm_model.py); it shows
+what the kernels of infinitevl_kernels reach without vLLM around them. Self-check: kernel_study_check.py.
 
 No vLLM and no project config import: the shapes come in as ``DecoderDims`` (``from_config`` reads
 any object with the text-config attribute names). Weights use the checkpoint's names through
@@ -8,8 +10,8 @@ in as few launches as possible.
 
 State pools (per model, all sequences): conv ``[Lg, slots, C, K-1]``, recurrent
 ``[Lg, slots, H, Dv, Dk]``; a sequence is a slot index. The SWA KV is vLLM's paged ring (see
-``ring.py``): per SWA layer a cache ``[num_blocks, Hkv, block_size, 2D]``, and per slot a block-table
-row of ``ceil(W / block_size) + 1`` pages (shared by the SWA layers, as vLLM's block table is), so
+``infinitevl_kernels/swa/ring.py``): per SWA layer a cache ``[num_blocks, Hkv, block_size, 2D]``, and per slot a
+block-table row of ``ceil(W / block_size) + 1`` pages (shared by the SWA layers, as vLLM's block table is), so
 the kernels here are the ones the vLLM model runs on CUDA.
 
 At batch 1 the products run as fused Triton matrix-vector passes (``triton_ops.norm_linear`` /
@@ -21,9 +23,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from .gdn_batch import GDNShape
-from .layout import (
+from infinitevl_kernels.gdn.batch import GDNLayer, GDNShape
+from infinitevl_kernels.gdn.triton_batch import gdn_decode_slots, gdn_prefill_varlen
+from infinitevl_kernels.layout import (
     GDN_CONVS,
     GDN_GATES,
     GDN_INPUT,
@@ -34,9 +36,15 @@ from .layout import (
     ring_blocks,
     rope_of,
 )
-from .triton_gdn import gdn_decode_slots, gdn_prefill_varlen
-from .triton_ops import gated_rmsnorm_heads, linear, norm_linear, rmsnorm, rope_qk_inplace, silu_linear
-from .triton_swa import swa_paged_decode, swa_paged_prefill
+from infinitevl_kernels.swa.triton_ring import swa_paged_decode, swa_paged_prefill
+from infinitevl_kernels.triton_ops import (
+    gated_rmsnorm_heads,
+    linear,
+    norm_linear,
+    rmsnorm,
+    rope_qk_inplace,
+    silu_linear,
+)
 
 
 @dataclass
@@ -203,14 +211,14 @@ class InfiniteVLDecoderGPU:
         gate = proj[:, 2 * key + val : 2 * key + 2 * val]
         a = proj[:, 2 * key + 2 * val : 2 * key + 2 * val + H]
         b = proj[:, 2 * key + 2 * val + H :]
-        kw = dict(conv_weight=L["conv_w"], A_log=L["A_log"], dt_bias=L["dt_bias"], conv_state=self.conv_pool[j],
-                  ssm_state=self.ssm_pool[j], shape=sh)
+        layer = GDNLayer(conv_weight=L["conv_w"], A_log=L["A_log"], dt_bias=L["dt_bias"],
+                         conv_state=self.conv_pool[j], ssm_state=self.ssm_pool[j], shape=sh)
         if decode:
-            o = gdn_decode_slots(mixed, a, b, slots=slots, **kw)
+            o = gdn_decode_slots(mixed, a, b, layer, slots=slots)
         else:
             cu, _, has_init, max_len = meta
-            o = gdn_prefill_varlen(mixed, a, b, slots=slots, has_initial_state=has_init, cu_seqlens=cu,
-                                   max_len=max_len, **kw)
+            o = gdn_prefill_varlen(mixed, a, b, layer, slots=slots, has_initial_state=has_init, cu_seqlens=cu,
+                                   max_len=max_len)
         return linear(gated_rmsnorm_heads(o, gate, L["o_norm"], d.norm_eps), L["o"]), x
 
     def _swa(self, L, j, x, h, cos, sin, decode: bool, table, meta, token_pos):

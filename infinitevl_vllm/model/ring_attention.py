@@ -2,8 +2,8 @@
 
 vLLM has no attention that reads a ring (its ring spec has no slot mapping: the layer places its
 rows). This is one: a vLLM attention backend whose metadata says which ring blocks each request
-owns and how many tokens precede this step, and whose forward runs ``infinitevl_kernels.ring`` on
-CPU and the Triton kernels of ``infinitevl_kernels.triton_swa`` (same layout) on CUDA.
+owns and how many tokens precede this step, and whose forward runs ``infinitevl_kernels.swa.ring`` on
+CPU and the Triton kernels of ``infinitevl_kernels.swa.triton_ring`` (same layout) on CUDA.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from infinitevl_kernels.ring import PagedRing, ring_decode_attention, ring_prefill_attention
-from infinitevl_kernels.triton_swa import swa_paged_forward
+from infinitevl_kernels.swa.ring import PagedRing, ring_decode_attention, ring_prefill_attention
+from infinitevl_kernels.swa.triton_ring import swa_paged_forward
 from vllm.config import CacheConfig, VllmConfig
 from vllm.model_executor.layers.attention import Attention
 from vllm.v1.attention.backend import (
@@ -26,8 +26,8 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
-from .state import ring_blocks
 from .state_manager import RingKVSpec
+from .state_size import ring_blocks
 from .step_requests import StepRequests, step_requests_of
 
 

@@ -18,8 +18,7 @@ from typing import Any
 
 from vllm import SamplingParams
 
-from .sessions_worker import RPC_METHOD
-from .streaming import (
+from .session_protocol import (
     DEFAULT_SYSTEM,
     EXTRA_ARGS_KEY,
     FRAME_SIZE,
@@ -30,6 +29,7 @@ from .streaming import (
     prefix_text,
     question_text,
 )
+from .sessions_worker import RPC_METHOD
 
 MAX_SESSIONS_ENV = "INFINITEVL_MAX_SESSIONS"
 DEFAULT_MAX_SESSIONS = 8
@@ -75,7 +75,7 @@ def decode_frames(frames: Sequence[Any]) -> list:
 
 
 def frames_per_request(image_limit: int, max_model_len: int) -> int:
-    from .streaming import FRAME_TOKENS
+    from .session_protocol import FRAME_TOKENS
 
     fit = max(1, (max_model_len - 64) // FRAME_TOKENS)
     return max(1, min(MAX_FRAMES_PER_REQUEST, image_limit, fit))

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .gdn import causal_conv1d, gdn_chunked, gdn_gates, l2norm
+from .reference import causal_conv1d, gdn_chunked, gdn_gates, l2norm
 
 
 @dataclass
@@ -46,6 +46,18 @@ class GDNShape:
         return self.num_heads * self.head_v_dim
 
 
+@dataclass
+class GDNLayer:
+    """One GDN layer as the slot-pool functions take it: conv and gate weights, state pools, head shape."""
+
+    conv_weight: torch.Tensor  # [C, K], depthwise
+    A_log: torch.Tensor  # [H]
+    dt_bias: torch.Tensor  # [H]
+    conv_state: torch.Tensor  # [slots, C, K-1]
+    ssm_state: torch.Tensor  # [slots, H, Dv, Dk]
+    shape: GDNShape
+
+
 def _split_heads(y: torch.Tensor, shape: GDNShape):
     q, k, v = y.split([shape.key_dim, shape.key_dim, shape.value_dim], dim=-1)
     lead = y.shape[:-1]
@@ -57,19 +69,10 @@ def _split_heads(y: torch.Tensor, shape: GDNShape):
 
 
 def gdn_decode_batch(
-    mixed_qkv: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    *,
-    conv_weight: torch.Tensor,
-    A_log: torch.Tensor,
-    dt_bias: torch.Tensor,
-    conv_state: torch.Tensor,
-    ssm_state: torch.Tensor,
-    slots: torch.Tensor,
-    shape: GDNShape,
+    mixed_qkv: torch.Tensor, a: torch.Tensor, b: torch.Tensor, layer: GDNLayer, *, slots: torch.Tensor
 ) -> torch.Tensor:
     """One token for each of B sequences at once. mixed_qkv [B, C]; returns o [B, H, Dv]."""
+    conv_weight, conv_state, ssm_state, shape = layer.conv_weight, layer.conv_state, layer.ssm_state, layer.shape
     dt = torch.promote_types(mixed_qkv.dtype, torch.float32)
     hist = conv_state[slots].to(dt)  # [B, C, K-1]
     window = torch.cat([hist, mixed_qkv.to(dt)[:, :, None]], dim=-1)  # [B, C, K]
@@ -77,7 +80,7 @@ def gdn_decode_batch(
     conv_state[slots] = window[:, :, 1:].to(conv_state.dtype)
     q, k, v = _split_heads(y, shape)
     q, k = l2norm(q), l2norm(k)
-    g, beta = gdn_gates(a, b, A_log, dt_bias)
+    g, beta = gdn_gates(a, b, layer.A_log, layer.dt_bias)
     S = ssm_state[slots].to(dt).transpose(-1, -2)  # [B, H, Dk, Dv]
     S = S * g.exp()[..., None, None]
     pred = torch.einsum("bhkv,bhk->bhv", S, k)
@@ -91,32 +94,24 @@ def gdn_forward_batch(
     mixed_qkv: torch.Tensor,
     a: torch.Tensor,
     b: torch.Tensor,
+    layer: GDNLayer,
     *,
-    conv_weight: torch.Tensor,
-    A_log: torch.Tensor,
-    dt_bias: torch.Tensor,
-    conv_state: torch.Tensor,
-    ssm_state: torch.Tensor,
     batch: GDNBatch,
-    shape: GDNShape,
     out: torch.Tensor,
     chunk_size: int = 64,
 ) -> None:
     """Fills out [T, H, Dv] for the packed batch and advances every sequence's slot state.
 
     mixed_qkv [T, C] are the q|k|v projections before the short convolution; a, b [T, H].
-    conv_weight [C, K].
     """
+    conv_weight, conv_state, ssm_state, shape = layer.conv_weight, layer.conv_state, layer.ssm_state, layer.shape
     qsl, nd = batch.query_start_loc, batch.num_decodes
     if nd:
         end = qsl[nd]
         if end != nd:
             raise ValueError(f"decode sequences must have one token each, got {end} tokens for {nd}")
         slots = torch.tensor(batch.state_indices[:nd], dtype=torch.long, device=mixed_qkv.device)
-        out[:nd] = gdn_decode_batch(
-            mixed_qkv[:nd], a[:nd], b[:nd], conv_weight=conv_weight, A_log=A_log, dt_bias=dt_bias,
-            conv_state=conv_state, ssm_state=ssm_state, slots=slots, shape=shape,
-        ).to(out.dtype)
+        out[:nd] = gdn_decode_batch(mixed_qkv[:nd], a[:nd], b[:nd], layer, slots=slots).to(out.dtype)
     dt = torch.promote_types(mixed_qkv.dtype, torch.float32)
     for r in range(nd, len(qsl) - 1):
         s, e = qsl[r], qsl[r + 1]
@@ -129,7 +124,7 @@ def gdn_forward_batch(
         )
         conv_state[slot] = new_conv.to(conv_state.dtype)
         q, k, v = _split_heads(y, shape)
-        g, beta = gdn_gates(a[s:e], b[s:e], A_log, dt_bias)
+        g, beta = gdn_gates(a[s:e], b[s:e], layer.A_log, layer.dt_bias)
         S0 = ssm_state[slot].to(dt).transpose(-1, -2) if init else None
         o, S = gdn_chunked(q, k, v, g, beta, initial_state=S0, chunk_size=chunk_size)
         ssm_state[slot] = S.transpose(-1, -2).to(ssm_state.dtype)

@@ -1,15 +1,19 @@
-"""The Triton decoder (kernels/gpu_model.py) reproduces the reference model: chunked prefill, then decode.
+"""Self-check of the kernel-study decoder (kernel_study_decoder.py): it reproduces the reference model
+through chunked prefill, then decode. Not part of the test suite (nothing serves this decoder).
 
-Runs on CPU through TRITON_INTERPRET=1 with the tiny preset and a window of 8, so that the
-ring wraps and chunks cross the window edge.
+Runs on CPU through TRITON_INTERPRET=1 with the tiny preset and a window of 8, so that the ring wraps and
+chunks cross the window edge (~20-50 s):
+
+    python benchmarks/kernel_study_check.py
 """
 
 import os
+import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
-from infinitevl_kernels.gpu_model import DecoderDims, InfiniteVLDecoderGPU  # noqa: E402
+from kernel_study_decoder import DecoderDims, InfiniteVLDecoderGPU  # noqa: E402
 
 from infinitevl_vllm.checkpoint import preset_config  # noqa: E402
 from infinitevl_vllm.config import InfiniteVLConfig  # noqa: E402
@@ -20,7 +24,7 @@ def rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-def test_gpu_decoder_matches_reference_across_chunks_and_decodes():
+def check_decoder_matches_reference_across_chunks_and_decodes():
     raw = preset_config("tiny", sliding_window=8)
     raw.pop("model_type"), raw.pop("architectures")
     cfg = InfiniteVLConfig(**raw)
@@ -48,3 +52,9 @@ def test_gpu_decoder_matches_reference_across_chunks_and_decodes():
         got = ours.decode(torch.tensor([tok]), torch.full((3, 1), t), torch.tensor([t]), slot)[0]
         assert rel(got, want) < 2e-3
         tok = int(want.argmax())
+
+
+if __name__ == "__main__":
+    check_decoder_matches_reference_across_chunks_and_decodes()
+    print("kernel_study_check: the kernel-study decoder matches the reference model (prefill chunks and decodes)")
+    sys.exit(0)

@@ -8,7 +8,7 @@ In the worker:
 
 - on a session request's first chunk (``num_computed_tokens == 0``: new, or recomputed after a
   preemption) the session's state is copied into the request's own GDN slot and SWA ring blocks,
-  and its M-RoPE positions are rewritten by the stream rule (streaming.py) from the session's cursor;
+  and its M-RoPE positions are rewritten by the stream rule (session_protocol.py) from the session's cursor;
 - every step, its ring token index is offset by the session's token count (ring attention) and its
   GDN state counts as initial even on its first chunk (``has_initial_state``): both are this request's
   data in the model's ``StepRequests`` (step_requests.py), which the metadata builders look up by id;
@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .step_requests import RequestStart
-from .streaming import EXTRA_ARGS_KEY, StreamCursor, stream_positions
+from ..model.step_requests import RequestStart
+from .session_protocol import EXTRA_ARGS_KEY, StreamCursor, stream_positions
 
 logger = logging.getLogger("vllm.infinitevl_vllm.sessions")
 

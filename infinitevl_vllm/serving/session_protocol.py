@@ -1,4 +1,4 @@
-"""Streaming video sessions: the parts every side shares (no vLLM imports here).
+"""Streaming video sessions: the protocol every side shares (no vLLM imports here).
 
 A session is one long token stream whose state (GDN slots + SWA rings) is kept between requests:
 

@@ -1,7 +1,7 @@
 """``infinitevl-vllm bench``: InfiniteVL against Transformer VLMs through the same vLLM engine.
 
 Every model gets the same request stream, the same engine settings and the same KV-cache budget, in a
-fresh engine of its own: each model runs in a worker subprocess (``python -m infinitevl_vllm.bench
+fresh engine of its own: each model runs in a worker subprocess (``python -m infinitevl_vllm.tools.bench
 --worker``), so one model's engine and all its processes are gone before the next starts.
 
 Workloads (one engine per model runs all that are asked for):
@@ -115,7 +115,7 @@ def _tokens_per_frame(ckpt: Path) -> int:
 
 def describe_model(path: str) -> ModelInfo:
     """Read what the harness needs from a checkpoint directory; fail in one line if it is not one."""
-    from .config import ARCHITECTURE
+    from ..config import ARCHITECTURE
 
     ckpt = Path(path)
     if not ckpt.exists():
@@ -129,7 +129,7 @@ def describe_model(path: str) -> ModelInfo:
         raise BenchError(f"{cfg_file}: not valid JSON ({e})") from None
     arch = (cfg.get("architectures") or ["?"])[0]
     if arch == ARCHITECTURE:
-        from .checkpoint import CheckpointError, validate_checkpoint
+        from ..checkpoint import CheckpointError, validate_checkpoint
 
         try:
             validate_checkpoint(ckpt)
@@ -465,7 +465,7 @@ def _run_worker(spec: BenchSpec, info: ModelInfo, tmp: Path, log, bar) -> dict:
     (tmp / "spec.json").write_text(json.dumps(asdict(spec)))
     (tmp / "info.json").write_text(json.dumps(asdict(info)))
     out = tmp / f"{info.name}.json"
-    cmd = [sys.executable, "-m", "infinitevl_vllm.bench", "--worker", str(tmp / "spec.json"),
+    cmd = [sys.executable, "-m", "infinitevl_vllm.tools.bench", "--worker", str(tmp / "spec.json"),
            str(tmp / "info.json"), str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                             env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})

@@ -23,7 +23,7 @@ from vllm.v1.core.kv_cache_utils import KVCacheBlock
 from vllm.v1.core.single_type_kv_cache_manager import CircularBufferManager
 from vllm.v1.kv_cache_interface import CircularBufferSpec, KVCacheConfig, UniformTypeKVCacheSpecs
 
-from . import state
+from . import state_size
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,11 +100,11 @@ class StatePool:
         """The same from the config and the block count alone (where the allocation is not at hand)."""
         cfg = vllm_config.model_config.hf_config.text_config
         cache = vllm_config.cache_config
-        block_size = vllm_config.additional_config[state.STATE_BLOCK_SIZE_KEY]
+        block_size = vllm_config.additional_config[state_size.STATE_BLOCK_SIZE_KEY]
         kv_dtype = kv_cache_dtype_str_to_dtype(cache.cache_dtype, vllm_config.model_config)
         tp = vllm_config.parallel_config.tensor_parallel_size
-        return cls(cache.num_gpu_blocks or 0, state.blocks_per_sequence(cfg, block_size),
-                   state.allocated_sequence_bytes(cfg, block_size, kv_dtype, tp))
+        return cls(cache.num_gpu_blocks or 0, state_size.blocks_per_sequence(cfg, block_size),
+                   state_size.allocated_sequence_bytes(cfg, block_size, kv_dtype, tp))
 
     def describe(self) -> str:
         return (f"InfiniteVL state pool: {self.slots} sequence slots of {self.bytes_per_sequence / 2**20:.2f} MiB "

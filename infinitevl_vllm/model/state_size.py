@@ -25,7 +25,7 @@ import math
 import torch
 from infinitevl_kernels.layout import ring_blocks
 
-from .config import InfiniteVLTextConfig
+from ..config import InfiniteVLTextConfig
 
 # the block size chosen by the engine-config rule, kept in vllm_config.additional_config for the front end
 STATE_BLOCK_SIZE_KEY = "infinitevl_state_block_size"

@@ -22,10 +22,10 @@ from collections.abc import Iterable
 from types import SimpleNamespace
 
 import torch
-from infinitevl_kernels.attention import apply_rope, mrope_cos_sin
-from infinitevl_kernels.gdn_batch import GDNBatch, GDNShape, gdn_forward_batch
+from infinitevl_kernels.gdn.batch import GDNBatch, GDNLayer, GDNShape, gdn_forward_batch
+from infinitevl_kernels.gdn.triton_batch import gdn_decode_slots, gdn_prefill_varlen
 from infinitevl_kernels.layout import GDN_CONVS, GDN_INPUT, LAYER_PREFIX, MLP_GATE_UP, SWA_QKV, is_swa_layer, rope_of
-from infinitevl_kernels.triton_gdn import gdn_decode_slots, gdn_prefill_varlen
+from infinitevl_kernels.rope import apply_rope, mrope_cos_sin
 from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
@@ -62,10 +62,10 @@ from vllm.v1.attention.backends.gdn_attn import (
     GDNAttentionMetadataBuilder,
 )
 
-from .config import InfiniteVLTextConfig
+from ..config import InfiniteVLTextConfig
+from ..vllm_patches import keep_conv_weight_layout, without_triton_allocator
 from .ring_attention import RingSlidingWindowAttention
 from .step_requests import StepRequests, step_requests_of
-from .vllm_patches import keep_conv_weight_layout, without_triton_allocator
 
 
 def _gdn_layer_config(cfg: InfiniteVLTextConfig) -> SimpleNamespace:
@@ -170,27 +170,26 @@ class InfiniteVLGatedDeltaNet(OlmoHybridGatedDeltaNetAttention):
         if not is_conv_state_dim_first():
             conv_state = conv_state.transpose(-1, -2)  # -> [slots, C, K-1]
         weight = self.conv1d.weight
-        state = dict(conv_weight=weight.view(weight.size(0), weight.size(-1)), A_log=self.A_log,
-                     dt_bias=self.dt_bias, conv_state=conv_state, ssm_state=ssm_state,
-                     shape=GDNShape(self.num_v_heads // self.tp_size, self.head_k_dim, self.head_v_dim))
+        layer = GDNLayer(conv_weight=weight.view(weight.size(0), weight.size(-1)), A_log=self.A_log,
+                         dt_bias=self.dt_bias, conv_state=conv_state, ssm_state=ssm_state,
+                         shape=GDNShape(self.num_v_heads // self.tp_size, self.head_k_dim, self.head_v_dim))
         if not mixed_qkv.is_cuda:
-            self._forward_core_cpu(md, mixed_qkv, a, b, core_attn_out, state)
+            self._forward_core_cpu(md, mixed_qkv, a, b, core_attn_out, layer)
             return
         nd, num_prefills = md.num_decodes, md.num_prefills
         if nd:  # captured in full CUDA graphs: device tensors only
-            gdn_decode_slots(mixed_qkv[:nd], a[:nd], b[:nd], slots=md.non_spec_state_indices_tensor[:nd],
-                             out=core_attn_out[:nd], **state)
+            gdn_decode_slots(mixed_qkv[:nd], a[:nd], b[:nd], layer, slots=md.non_spec_state_indices_tensor[:nd],
+                             out=core_attn_out[:nd])
         if num_prefills:
             end = nd + md.num_prefill_tokens
             core_attn_out[nd:end] = gdn_prefill_varlen(
-                mixed_qkv[nd:end], a[nd:end], b[nd:end], slots=md.prefill_state_indices[:num_prefills],
+                mixed_qkv[nd:end], a[nd:end], b[nd:end], layer, slots=md.prefill_state_indices[:num_prefills],
                 has_initial_state=md.prefill_has_initial_state[:num_prefills],
                 cu_seqlens=md.prefill_query_start_loc[: num_prefills + 1], max_len=md.num_prefill_tokens,
-                use_fla=mixed_qkv.dtype != torch.float32,  # fla's chunked kernel refuses float32
-                **state)
+                use_fla=mixed_qkv.dtype != torch.float32)  # fla's chunked kernel refuses float32
 
     @staticmethod
-    def _forward_core_cpu(md: GDNAttentionMetadata, mixed_qkv, a, b, core_attn_out, state: dict) -> None:
+    def _forward_core_cpu(md: GDNAttentionMetadata, mixed_qkv, a, b, core_attn_out, layer: GDNLayer) -> None:
         """vLLM's CPU GDN ops need value head dim == key head dim; ours run the torch code."""
         n = md.num_actual_tokens
         num_seqs = md.num_decodes + md.num_prefills
@@ -201,7 +200,7 @@ class InfiniteVLGatedDeltaNet(OlmoHybridGatedDeltaNetAttention):
             has_initial_state=[True] * md.num_decodes + [bool(x) for x in has_init[md.num_decodes : num_seqs]],
             num_decodes=md.num_decodes,
         )
-        gdn_forward_batch(mixed_qkv[:n], a[:n], b[:n], batch=batch, out=core_attn_out, **state)
+        gdn_forward_batch(mixed_qkv[:n], a[:n], b[:n], layer, batch=batch, out=core_attn_out)
 
 
 class InfiniteVLSlidingAttention(nn.Module):

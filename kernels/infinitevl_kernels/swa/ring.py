@@ -6,7 +6,7 @@ life: new tokens overwrite the oldest rows once the window has passed, so a sequ
 length keeps the same KV bytes.
 
 The cache layout is vLLM's attention page: ``[num_blocks, kv_heads, block_size, Dk + Dv]`` (keys
-and values side by side in the last dim). Window semantics are those of ``attention.py``: the
+and values side by side in the last dim). Window semantics are those of ``reference.py``: the
 query at token t sees keys t-W+1 .. t.
 """
 

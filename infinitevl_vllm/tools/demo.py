@@ -18,7 +18,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from .serve import serve_command
+from ..serving.serve import serve_command
 
 DEMO_CHECKPOINT = Path("demo-checkpoint")
 
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     if not (a.checkpoint / "config.json").exists():
-        from .checkpoint import make_checkpoint
+        from ..checkpoint import make_checkpoint
 
         print(f"[demo] making the tiny demo checkpoint in {a.checkpoint}/ (random weights)")
         make_checkpoint(a.checkpoint, "tiny", seed=0)

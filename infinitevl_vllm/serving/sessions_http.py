@@ -21,8 +21,8 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from .session_protocol import DEFAULT_SYSTEM, SessionError
 from .sessions import DEFAULT_IDLE_TIMEOUT_S, SessionManager, max_sessions_from_env
-from .streaming import DEFAULT_SYSTEM, SessionError
 
 PLUGIN_NAME = "infinitevl_sessions"
 DEFAULT_MAX_TOKENS = 256

@@ -1,6 +1,6 @@
 """Gated DeltaNet on a slot pool in Triton: decode in place, and varlen prefill from each slot's state.
 
-State layout is vLLM's (the one ``gdn_batch`` documents): conv ``[slots, C, K-1]`` (channels q|k|v),
+State layout is vLLM's (the one ``batch.py`` documents): conv ``[slots, C, K-1]`` (channels q|k|v),
 recurrent ``[slots, H, Dv, Dk]`` (value-major).  Decode reads and writes both pools by slot index
 inside the kernels, so a decode step moves each state exactly once (no gather/scatter copies).
 
@@ -11,7 +11,7 @@ in one launch (initial conv state read by slot, final one written back in place)
 recurrence to fla's chunked kernel on CUDA (initial states read by slot; the final states are
 written back by slot), or to the torch chunked reference elsewhere.
 
-Every function here has its torch reference in ``gdn_batch`` (``gdn_decode_batch``,
+Every function here has its torch reference in ``batch.py`` (``gdn_decode_batch``,
 ``gdn_forward_batch``); ``tests/triton/test_triton_kernels.py`` compares them, run in float64, under
 ``TRITON_INTERPRET=1``.
 """
@@ -24,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .gdn import gdn_chunked, gdn_gates
-from .gdn_batch import GDNBatch, GDNShape, gdn_forward_batch
+from .batch import GDNBatch, GDNLayer, gdn_forward_batch
+from .reference import gdn_chunked, gdn_gates
 
 
 def triton_enabled(t: torch.Tensor) -> bool:
@@ -126,27 +126,23 @@ def gdn_decode_slots(
     mixed_qkv: torch.Tensor,
     a: torch.Tensor,
     b: torch.Tensor,
+    layer: GDNLayer,
     *,
-    conv_weight: torch.Tensor,
-    A_log: torch.Tensor,
-    dt_bias: torch.Tensor,
-    conv_state: torch.Tensor,
-    ssm_state: torch.Tensor,
     slots: torch.Tensor,
-    shape: GDNShape,
     out: torch.Tensor | None = None,
     eps: float = 1e-6,
 ) -> torch.Tensor:
     """One GDN token for each of B sequences, states updated in place by slot (Triton).
 
-    Same contract as ``gdn_batch.gdn_decode_batch`` (its reference): mixed_qkv [B, C] before the
+    Same contract as ``batch.gdn_decode_batch`` (its reference): mixed_qkv [B, C] before the
     conv; a, b [B, H]; ssm_state [slots, H, Dv, Dk] with unit stride over Dk. Returns o [B, H, Dv].
     """
+    A_log, dt_bias, ssm_state, shape = layer.A_log, layer.dt_bias, layer.ssm_state, layer.shape
     B = mixed_qkv.shape[0]
     H, Dk, Dv = shape.num_heads, shape.head_k_dim, shape.head_v_dim
     if ssm_state.stride(-1) != 1:
         raise ValueError("ssm_state needs unit stride over Dk")
-    y = conv_decode_slots(mixed_qkv, conv_weight, conv_state, slots)
+    y = conv_decode_slots(mixed_qkv, layer.conv_weight, layer.conv_state, slots)
     o = torch.empty(B, H, Dv, dtype=mixed_qkv.dtype, device=mixed_qkv.device) if out is None else out
     BV = min(32, Dv)
     _gdn_decode_kernel[(B, H, triton.cdiv(Dv, BV))](
@@ -252,17 +248,12 @@ def gdn_prefill_varlen(
     mixed_qkv: torch.Tensor,
     a: torch.Tensor,
     b: torch.Tensor,
+    layer: GDNLayer,
     *,
-    conv_weight: torch.Tensor,
-    A_log: torch.Tensor,
-    dt_bias: torch.Tensor,
-    conv_state: torch.Tensor,
-    ssm_state: torch.Tensor,
     slots: torch.Tensor,
     has_initial_state: torch.Tensor,
     cu_seqlens: torch.Tensor,
     max_len: int,
-    shape: GDNShape,
     use_fla: bool | None = None,
 ) -> torch.Tensor:
     """GDN over a packed varlen batch, each sequence from (and back into) its own slot's state.
@@ -271,18 +262,19 @@ def gdn_prefill_varlen(
     (int32/int64 on the device). Returns o [T, H, Dv]. The recurrence runs in fla's chunked kernel
     on CUDA when fla is installed (``use_fla``), else in the torch chunked reference per sequence.
     """
+    ssm_state, shape = layer.ssm_state, layer.shape
     H, Dk, Dv = shape.num_heads, shape.head_k_dim, shape.head_v_dim
     T = mixed_qkv.shape[0]
     if not triton_enabled(mixed_qkv):  # plain CPU: the serving path's torch code does it all
         o = torch.empty(T, H, Dv, dtype=mixed_qkv.dtype, device=mixed_qkv.device)
         batch = GDNBatch(cu_seqlens.tolist(), slots.tolist(), has_initial_state.tolist(), num_decodes=0)
-        gdn_forward_batch(mixed_qkv, a, b, conv_weight=conv_weight, A_log=A_log, dt_bias=dt_bias,
-                          conv_state=conv_state, ssm_state=ssm_state, batch=batch, shape=shape, out=o)
+        gdn_forward_batch(mixed_qkv, a, b, layer, batch=batch, out=o)
         return o
-    y = conv_varlen_slots(mixed_qkv, conv_weight, conv_state, slots, has_initial_state, cu_seqlens, max_len)
+    y = conv_varlen_slots(mixed_qkv, layer.conv_weight, layer.conv_state, slots, has_initial_state, cu_seqlens,
+                          max_len)
     q, k, v = y.split([shape.key_dim, shape.key_dim, shape.value_dim], dim=-1)
     q, k, v = q.view(T, H, Dk), k.view(T, H, Dk), v.view(T, H, Dv)
-    g, beta = gdn_gates(a, b, A_log, dt_bias)
+    g, beta = gdn_gates(a, b, layer.A_log, layer.dt_bias)
     chunk = _fla_chunk() if (use_fla is None or use_fla) and mixed_qkv.is_cuda else None
     if use_fla and chunk is None:
         raise RuntimeError("fla's chunk_gated_delta_rule is not available here")

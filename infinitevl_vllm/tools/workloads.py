@@ -101,7 +101,7 @@ def run_stream(llm, frames: int, every: int = 250, batch: int = 8, log=print, on
     """Append `frames` frames (or as many as fit in `seconds`), recording a point every `every`."""
     from vllm import SamplingParams
 
-    from infinitevl_vllm.sessions import StreamSession
+    from infinitevl_vllm.serving.sessions import StreamSession
 
     question = SamplingParams(max_tokens=16, temperature=0.0)
     points = []
