@@ -7,8 +7,19 @@ import json
 import psutil
 import pytest
 
-from infinitevl_vllm.checkpoint import CheckpointError, make_checkpoint, twin_config
-from infinitevl_vllm.tools.bench import BenchError, BenchSpec, check_spec, parse_list, parse_tokens
+from infinitevl_vllm.checkpoint import CheckpointError, load_config, make_checkpoint, twin_config
+from infinitevl_vllm.tools.bench import (
+    LARGEST_BATCH,
+    BenchError,
+    BenchSpec,
+    check_spec,
+    goals,
+    parse_batches,
+    parse_list,
+    parse_tokens,
+    throughput_batches,
+)
+from infinitevl_vllm.tools.byte_floor import StepBytes, language_weight_elements
 from infinitevl_vllm.tools.cli import main as cli
 
 
@@ -22,6 +33,33 @@ def one_error_line(capsys) -> str:
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     return err
+
+
+# -- byte floors ----------------------------------------------------------------------------------
+def test_a_decode_step_reads_the_language_weights_once(tiny_ckpt, twin_ckpt):
+    """From the safetensors headers: every parameter but the vision tower's, the tied head counted once;
+    the same count as the models' own parameters (ours: the reference model; the twin: transformers)."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from infinitevl_vllm.checkpoint import load_reference
+
+    ours = load_reference(tiny_ckpt)
+    assert language_weight_elements(tiny_ckpt) == sum(
+        p.numel() for n, p in ours.named_parameters() if not n.startswith("visual."))
+    twin = Qwen2_5_VLForConditionalGeneration.from_pretrained(twin_ckpt, dtype=torch.float32)
+    assert twin.config.tie_word_embeddings
+    assert language_weight_elements(twin_ckpt) == sum(
+        p.numel() for n, p in twin.named_parameters() if ".visual." not in f".{n}")  # tied: listed once
+
+
+def test_infinitevl_floor_stops_growing_at_the_window_a_transformers_never_does():
+    ours = StepBytes(weights=1000, per_sequence=300, per_context_token=2, context_cap=64)
+    twin = StepBytes(weights=1000, per_sequence=4, per_context_token=4, context_cap=None)
+    assert ours.at(1, 10) == 1000 + 300 + 20
+    assert ours.at(1, 64) == ours.at(1, 10**6) == 1000 + 300 + 128
+    assert ours.at(8, 10**6) - ours.at(1, 10**6) == 7 * (300 + 128)
+    assert twin.at(1, 10**6) == 1000 + 4 + 4 * 10**6
 
 
 # -- the twin checkpoint --------------------------------------------------------------------------
@@ -63,7 +101,9 @@ def test_twin_presets_are_checked(tmp_path, capsys):
 
 # -- arguments ---------------------------------------------------------------------------------------
 def test_token_counts_read_as_users_write_them():
-    assert parse_list("256,1k,32K") == [256, 1024, 32768]
+    assert parse_list("256,1k,32K,1m") == [256, 1024, 32768, 1048576]
+    assert parse_batches("4,max,1") == [4, LARGEST_BATCH, 1]
+    assert throughput_batches([4, LARGEST_BATCH, 1]) == [1, 4, LARGEST_BATCH]  # batch 1 says what fits
     with pytest.raises(BenchError, match="not a token count: 'lots'"):
         parse_tokens("lots")
     with pytest.raises(BenchError, match="at least 1"):
@@ -85,11 +125,45 @@ def test_missing_checkpoint_is_one_line(tiny_ckpt, tmp_path, capsys):
     assert one_error_line(capsys) == f"infinitevl-vllm bench: checkpoint {missing} does not exist"
 
 
-def test_context_beyond_the_transformers_positions_is_one_line(tiny_ckpt, twin_ckpt, tmp_path, capsys):
+def test_a_transformer_skips_contexts_beyond_its_positions_and_refuses_when_none_fit(tiny_ckpt, twin_ckpt, tmp_path,
+                                                                                      capsys):
+    spec = BenchSpec(models=[str(tiny_ckpt), str(twin_ckpt)], workloads=["decode-vs-context"],
+                     contexts=[1024, 204800], kv_cache_gib=64)
+    ours, twin = check_spec(spec)
+    assert (ours.contexts, ours.skipped_contexts) == ([1024, 204800], [])
+    assert (twin.contexts, twin.skipped_contexts) == ([1024], [204800])
     assert cli(["bench", "--models", str(tiny_ckpt), str(twin_ckpt), "--workload", "decode-vs-context",
-                "--contexts", "1k,200k", "--kv-cache-gib", "64", "--out", str(tmp_path / "r.json")]) == 2
+                "--contexts", "200k,300k", "--kv-cache-gib", "64", "--out", str(tmp_path / "r.json")]) == 2
     assert one_error_line(capsys).endswith("a 204800-token prompt plus 32 generated tokens exceeds its "
                                            "max_position_embeddings (128000)")
+
+
+def _model(kind: str, dvc: list[tuple[int, float, float]], tput: list[tuple[int, float]]) -> dict:
+    """A bench result entry: decode-vs-context rows (context, itl p50 ms, ttft s), largest-batch throughput
+    rows (context, decode tokens/s); floors of 1 ms a step whatever the context (1 GB at 1 GB/s)."""
+    return {"kind": kind, "step_bytes": {"weights": 10**6, "per_sequence": 0, "per_context_token": 0,
+                                         "context_cap": None},
+            "copy_bandwidth": {"bytes_per_s": 1e9},
+            "raw": {"decode-vs-context": [{"context": c, "itl_ms_p50": i, "ttft_s": t} for c, i, t in dvc],
+                    "throughput": [{"context": c, "batch": 1, "largest_that_fits": False, "decode_tokens_per_s": 1.0}
+                                   for c, _ in tput]
+                    + [{"context": c, "batch": 9, "largest_that_fits": True, "decode_tokens_per_s": x}
+                       for c, x in tput]}}
+
+
+def test_goal_figures_compare_infinitevl_with_the_transformer_at_the_named_lengths():
+    ours = _model("infinitevl", [(4096, 1.2, 0.1), (32768, 1.2, 0.5), (131072, 1.3, 2.0), (1048576, 1.4, 16.0)],
+                  [(32768, 900.0), (131072, 800.0)])
+    twin = _model("transformer", [(4096, 1.0, 0.1), (127000, 2.6, 5.0)], [(32768, 100.0), (127000, 20.0)])
+    g = goals([ours, twin])
+    assert g["itl_bs1_over_floor_max"] == 1.4  # the 1M row, over a 1 ms floor
+    assert g["itl_ratio_1m_4k"] == round(1.4 / 1.2, 3)
+    assert g["itl_speedup_vs_qwen_128k"] == 2.0  # the twin's 127,000-token row stands for its 128K
+    assert g["prefill_speedup_128k"] == 2.5
+    assert (g["tput_ratio_32k"], g["tput_ratio_128k"]) == (9.0, 40.0)  # largest-batch rows only
+    assert g["qwen_itl_bs1_over_floor_128k"] == 2.6 and g["session_fps"] is None
+    alone = goals([ours])  # no Transformer in the run: its comparisons are None, ours still computed
+    assert alone["itl_speedup_vs_qwen_128k"] is None and alone["itl_ratio_1m_4k"] is not None
 
 
 def test_context_beyond_the_kv_budget_is_refused_before_any_engine_starts(twin_ckpt):
@@ -116,8 +190,8 @@ def test_small_run_of_every_workload_writes_a_complete_result(tiny_ckpt, twin_ck
 
     spec = BenchSpec(models=[str(tiny_ckpt), str(twin_ckpt)],
                      workloads=["decode-vs-context", "throughput", "streaming"],
-                     contexts=[64, 300], batches=[1, 2], throughput_contexts=[100], frames=2, gen_tokens=4,
-                     kv_cache_gib=0.5)
+                     contexts=[64, 300], batches=[1, 2, LARGEST_BATCH], throughput_contexts=[100], frames=2,
+                     gen_tokens=4, kv_cache_gib=0.5, max_batch=3)
     out, png = tmp_path / "r.json", tmp_path / "r.png"
     run_bench(spec, out, png, note="test", quiet=True)
 
@@ -136,7 +210,9 @@ def test_small_run_of_every_workload_writes_a_complete_result(tiny_ckpt, twin_ck
             assert r["output_tokens"] == 4 * r["requests"]
             assert 0 < r["ttft_s"] < r["wall_s"] and r["itl_ms_mean"] > 0
             assert r["peak_rss_bytes"] > 2**30 and 0 < r["kv_cache_used_bytes"] <= 0.5 * 2**30
-        assert [(r["batch"], r["output_tokens"], r["preempted"]) for r in tp] == [(1, 4, 0), (2, 8, 0)]
+        # the largest batch that fits is far above --max-batch 3 for both, so it runs 3
+        assert [(r["batch"], r["largest_that_fits"], r["output_tokens"], r["preempted"]) for r in tp] == [
+            (1, False, 4, 0), (2, False, 8, 0), (3, True, 12, 0)]
         assert [r["frames"] for r in st] == [1, 2]
         assert st[1]["prompt_tokens"] > st[0]["prompt_tokens"] + 256  # a 448x448 frame is 256 visual tokens
         s = result["summary"][m["name"]]
@@ -145,4 +221,18 @@ def test_small_run_of_every_workload_writes_a_complete_result(tiny_ckpt, twin_ck
     # the Transformer keeps every token's KV; its use grows with the prompt
     assert twin["raw"]["decode-vs-context"][1]["kv_cache_used_bytes"] > twin["raw"]["decode-vs-context"][0][
         "kv_cache_used_bytes"]
+    # floors: what a step moves, at the bandwidth each worker measured (CPU here: eager engines)
+    import torch
+
+    cfg = load_config(tiny_ckpt).text_config
+    itemsize = getattr(torch, ours["engine"]["dtype"]).itemsize  # vLLM's CPU backend serves it in bf16
+    kv_token = len(cfg.swa_layers) * 2 * cfg.num_key_value_heads * cfg.head_dim * itemsize
+    assert ours["step_bytes"]["context_cap"] == cfg.attention_window
+    assert ours["step_bytes"]["per_context_token"] == kv_token
+    assert twin["step_bytes"]["context_cap"] is None
+    assert twin["step_bytes"]["per_context_token"] == twin["kv_bytes_per_token"]
+    for m in (ours, twin):
+        assert m["engine"]["enforce_eager"] is True and m["copy_bandwidth"]["bytes_per_s"] > 1e8
+        rows = result["summary"][m["name"]]["decode_vs_context"]
+        assert all(0 < r["floor_ms"] and r["itl_p50_over_floor"] > 1 for r in rows.values())
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

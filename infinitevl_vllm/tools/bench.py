@@ -18,6 +18,10 @@ Workloads (one engine per model runs all that are asked for):
   as the stream grows. vLLM serves each step as a new request (prefix caching is off for every model,
   as InfiniteVL's plugin refuses it), so TTFT includes re-reading the stream.
 
+Floors: each model's engine records what one decode step must move through memory (``byte_floor``: the
+weights once, and per sequence its state, or its whole KV context for a Transformer) and its worker measures
+the machine's copy bandwidth; the summary sets every median inter-token latency beside that floor.
+
 Memory: the peak RSS of the worker's process tree (engine core included), sampled every 50 ms, and,
 on CUDA, the GPU memory of those processes (NVML); vLLM allocates its KV pool up front, so the engine's
 own block accounting (peak KV-cache usage x the budget) shows what a sequence actually holds.
@@ -47,13 +51,16 @@ class BenchError(ValueError):
     """A bad argument or a failed model run, said in one line."""
 
 
+LARGEST_BATCH = 0  # `--batch max`: the largest batch whose sequences the KV budget holds at once
+
+
 def parse_tokens(text: str) -> int:
-    """'256' -> 256, '4k'/'4K' -> 4096: contexts are written as users think of them."""
+    """'256' -> 256, '4k'/'4K' -> 4096, '1m' -> 1048576: contexts are written as users think of them."""
     t = text.strip().lower()
     try:
-        n = int(t[:-1]) * 1024 if t.endswith("k") else int(t)
+        n = int(t[:-1]) * {"k": 1024, "m": 1024 * 1024}[t[-1]] if t[-1:] in ("k", "m") else int(t)
     except ValueError:
-        raise BenchError(f"not a token count: {text!r} (use e.g. 256, 4k, 32k)") from None
+        raise BenchError(f"not a token count: {text!r} (use e.g. 256, 4k, 32k, 1m)") from None
     if n < 1:
         raise BenchError(f"token counts must be at least 1, got {text!r}")
     return n
@@ -61,6 +68,11 @@ def parse_tokens(text: str) -> int:
 
 def parse_list(text: str) -> list[int]:
     return [parse_tokens(x) for x in text.split(",") if x.strip()]
+
+
+def parse_batches(text: str) -> list[int]:
+    """Batch sizes; 'max' is the largest batch that fits (LARGEST_BATCH), found by a batch-1 run first."""
+    return [LARGEST_BATCH if x.strip().lower() == "max" else parse_tokens(x) for x in text.split(",") if x.strip()]
 
 
 @dataclass
@@ -76,9 +88,10 @@ class BenchSpec:
     gen_tokens: int = 32
     kv_cache_gib: float = 2.0
     dtype: str = "auto"
-    enforce_eager: bool = True
+    enforce_eager: bool | None = None  # None: vLLM's defaults (compile + CUDA graphs) on CUDA, eager on CPU
     max_num_batched_tokens: int | None = None
     seed: int = 0
+    max_batch: int = 1024  # the most sequences `--batch max` runs at once (the engine's max_num_seqs then)
 
 
 @dataclass
@@ -90,6 +103,10 @@ class ModelInfo:
     max_position_embeddings: int
     kv_bytes_per_token: int | None  # a Transformer's KV per token (all layers), when we know its layout
     tokens_per_frame: int
+    # the prompt lengths this model runs: the requested ones that fit its positions (check_spec fills them)
+    contexts: list[int] = field(default_factory=list)
+    throughput_contexts: list[int] = field(default_factory=list)
+    skipped_contexts: list[int] = field(default_factory=list)
 
 
 def _text_field(cfg: dict, key: str, default=None):
@@ -155,9 +172,9 @@ def stream_tokens(info: ModelInfo, frames: int) -> int:
 def longest_prompt(spec: BenchSpec, info: ModelInfo) -> int:
     lengths = [0]
     if "decode-vs-context" in spec.workloads:
-        lengths += spec.contexts
+        lengths += info.contexts
     if "throughput" in spec.workloads:
-        lengths += spec.throughput_contexts
+        lengths += info.throughput_contexts
     if "streaming" in spec.workloads:
         lengths.append(stream_tokens(info, spec.frames))
     return max(lengths)
@@ -184,11 +201,26 @@ def check_spec(spec: BenchSpec) -> list[ModelInfo]:
         raise BenchError("--frames must be at least 1 and --gen-tokens at least 2 (latency needs two tokens)")
     if spec.kv_cache_gib <= 0:
         raise BenchError("--kv-cache-gib must be positive")
+    if spec.max_batch < 1:
+        raise BenchError("--max-batch must be at least 1")
     infos = [describe_model(m) for m in spec.models]
     budget = spec.kv_cache_gib * 2**30
     for info in infos:
+        # a Transformer runs the prompt lengths its positions hold (InfiniteVL has no length limit)
+        def fits(c: int, info: ModelInfo = info) -> bool:
+            return info.kind != "transformer" or c + spec.gen_tokens + 16 <= info.max_position_embeddings
+
+        for workload, asked, kept in (("decode-vs-context", spec.contexts, info.contexts),
+                                      ("throughput", spec.throughput_contexts, info.throughput_contexts)):
+            if workload not in spec.workloads:
+                continue
+            kept += [c for c in asked if fits(c)]
+            info.skipped_contexts += [c for c in asked if not fits(c) and c not in info.skipped_contexts]
+            if not kept:
+                raise BenchError(f"{info.name}: a {min(asked)}-token prompt plus {spec.gen_tokens} generated tokens "
+                                 f"exceeds its max_position_embeddings ({info.max_position_embeddings})")
         need = max_model_len(spec, info)
-        if info.kind == "transformer" and need > info.max_position_embeddings:  # InfiniteVL has no length limit
+        if info.kind == "transformer" and need > info.max_position_embeddings:
             raise BenchError(f"{info.name}: a {longest_prompt(spec, info)}-token prompt plus {spec.gen_tokens} "
                              f"generated tokens exceeds its max_position_embeddings ({info.max_position_embeddings})")
         if info.kv_bytes_per_token and need * info.kv_bytes_per_token > budget:
@@ -198,13 +230,13 @@ def check_spec(spec: BenchSpec) -> list[ModelInfo]:
     return infos
 
 
-def progress_steps(spec: BenchSpec) -> int:
+def progress_steps(spec: BenchSpec, info: ModelInfo) -> int:
     """Progress events one model's worker sends: engine start, then one per measurement."""
     n = 1
     if "decode-vs-context" in spec.workloads:
-        n += len(spec.contexts)
+        n += len(info.contexts)
     if "throughput" in spec.workloads:
-        n += len(spec.throughput_contexts) * len(spec.batches)
+        n += len(info.throughput_contexts) * len(throughput_batches(spec.batches))
     if "streaming" in spec.workloads:
         n += spec.frames
     return n
@@ -327,14 +359,21 @@ class Worker:
         self.spec, self.info = spec, info
         self.memory = TreeMemory()
         self.stats = _EngineStats()
+        import torch
         from vllm import EngineArgs, SamplingParams
         from vllm.v1.engine.llm_engine import LLMEngine
+
+        from .byte_floor import copy_bandwidth, engine_step_bytes
+
+        cuda = torch.cuda.is_available()
+        eager = (not cuda) if spec.enforce_eager is None else spec.enforce_eager
 
         self.sampling = SamplingParams(max_tokens=spec.gen_tokens, min_tokens=spec.gen_tokens, ignore_eos=True,
                                        temperature=0.0, seed=spec.seed)
         args = EngineArgs(
-            model=info.path, dtype=spec.dtype, enforce_eager=spec.enforce_eager, seed=spec.seed,
-            max_model_len=max_model_len(spec, info), max_num_seqs=max(spec.batches),
+            model=info.path, dtype=spec.dtype, enforce_eager=eager, seed=spec.seed,
+            max_model_len=max_model_len(spec, info),
+            max_num_seqs=spec.max_batch if LARGEST_BATCH in spec.batches else max(spec.batches),
             max_num_batched_tokens=spec.max_num_batched_tokens, enable_prefix_caching=False,
             kv_cache_memory_bytes=int(spec.kv_cache_gib * 2**30), disable_log_stats=False,
             limit_mm_per_prompt={"image": spec.frames if "streaming" in spec.workloads else 0, "video": 0},
@@ -343,6 +382,12 @@ class Worker:
         self.engine = LLMEngine.from_engine_args(args, stat_loggers=[self.stats.factory()])
         self.startup_s = time.perf_counter() - t0
         self.kv_blocks = self.engine.vllm_config.cache_config.num_gpu_blocks
+        config = self.engine.vllm_config
+        self.settings = {"dtype": str(config.model_config.dtype).removeprefix("torch."), "enforce_eager": eager,
+                         "compilation_mode": str(config.compilation_config.mode),
+                         "cudagraph_mode": str(config.compilation_config.cudagraph_mode)}
+        self.step_bytes = engine_step_bytes(self.engine.vllm_config, info.path, info.kv_bytes_per_token)
+        self.bandwidth = copy_bandwidth("cuda") if cuda else copy_bandwidth("cpu", gib=0.25, repeats=10)
         self._run([self._ids(64, -1)])  # warm-up: first-call costs stay out of the measurements
         _emit({"event": "started", "startup_s": round(self.startup_s, 2)})
 
@@ -396,19 +441,25 @@ class Worker:
 
     def decode_vs_context(self) -> list[dict]:
         rows = []
-        for c in self.spec.contexts:
+        for c in self.info.contexts:
             rows.append({"context": c, **self._run([self._ids(c, 0)])})
             _emit({"event": "measured", "workload": "decode-vs-context", "context": c})
         return rows
 
     def throughput(self) -> list[dict]:
         rows = []
-        for c in self.spec.throughput_contexts:
-            for b in self.spec.batches:
+        for c in self.info.throughput_contexts:
+            alone = None
+            for b in throughput_batches(self.spec.batches):
+                largest = b == LARGEST_BATCH
+                if largest:  # what the batch-1 run (always run first, see throughput_batches) says fits
+                    usage = max(alone["kv_cache_usage_peak"], 1 / self.spec.max_batch)
+                    b = min(largest_batch_that_fits(usage), self.spec.max_batch)
                 r = self._run([self._ids(c, 1 + i) for i in range(b)])
+                alone = r if b == 1 and alone is None else alone
                 # False also when early requests finished before the last were admitted (long prefills)
                 r["all_concurrent"] = r["max_running"] == b
-                rows.append({"context": c, "batch": b, **r})
+                rows.append({"context": c, "batch": b, "largest_that_fits": largest, **r})
                 _emit({"event": "measured", "workload": "throughput", "context": c, "batch": b})
         return rows
 
@@ -450,7 +501,9 @@ def worker_main(spec_file: str, info_file: str, out_file: str) -> int:
                           ("streaming", w.streaming)):
             if name in spec.workloads:
                 raw[name] = run()
-        result = {**asdict(info), "startup_s": w.startup_s, "kv_cache_blocks": w.kv_blocks, "raw": raw}
+        result = {**asdict(info), "startup_s": w.startup_s, "kv_cache_blocks": w.kv_blocks,
+                  "engine": w.settings, "step_bytes": asdict(w.step_bytes), "copy_bandwidth": w.bandwidth,
+                  "raw": raw}
     finally:
         w.close()
     Path(out_file).write_text(json.dumps(result))
@@ -543,22 +596,41 @@ def versions() -> dict:
     return out
 
 
+def throughput_batches(batches: list[int]) -> list[int]:
+    """The batch sizes in the order they run: with LARGEST_BATCH asked for, batch 1 first (it measures
+    what one sequence holds) and the largest last."""
+    if LARGEST_BATCH not in batches:
+        return batches
+    rest = [b for b in batches if b not in (1, LARGEST_BATCH)]
+    return [1, *rest, LARGEST_BATCH]
+
+
 def largest_batch_that_fits(kv_usage_one_sequence: float) -> int:
     """Sequences of this length the KV budget holds at once: the engine's own block accounting for one
     sequence (peak KV-cache usage at batch 1, generated tokens included), scaled to the whole pool."""
     return int(1.0 / kv_usage_one_sequence + 1e-9)
 
 
+def floor_ms(m: dict, batch: int, context: int) -> float:
+    """A model's decode-step byte floor in milliseconds at its worker's measured copy bandwidth."""
+    from .byte_floor import StepBytes
+
+    return 1e3 * StepBytes(**m["step_bytes"]).at(batch, context) / m["copy_bandwidth"]["bytes_per_s"]
+
+
 def summarize(models: list[dict]) -> dict:
     """The numbers a reader compares, per model; every one is derived from the raw rows."""
     summary = {}
     for m in models:
-        s: dict = {"kind": m["kind"], "startup_s": round(m["startup_s"], 1)}
+        s: dict = {"kind": m["kind"], "startup_s": round(m["startup_s"], 1),
+                   "copy_bandwidth_gb_s": round(m["copy_bandwidth"]["bytes_per_s"] / 1e9, 1)}
         dvc = m["raw"].get("decode-vs-context")
         if dvc:
             s["decode_vs_context"] = {
                 str(r["context"]): {"ttft_s": round(r["ttft_s"], 3), "itl_ms": round(r["itl_ms_mean"], 2),
                                     "itl_ms_p50": round(r["itl_ms_p50"], 2),
+                                    "floor_ms": round(floor_ms(m, 1, r["context"]), 4),
+                                    "itl_p50_over_floor": round(r["itl_ms_p50"] / floor_ms(m, 1, r["context"]), 2),
                                     "kv_cache_used_mib": round(r["kv_cache_used_bytes"] / 2**20, 1),
                                     "peak_rss_gib": round(r["peak_rss_bytes"] / 2**30, 2)} for r in dvc}
             s["itl_p50_growth_longest_vs_shortest"] = round(dvc[-1]["itl_ms_p50"] / dvc[0]["itl_ms_p50"], 2)
@@ -566,8 +638,11 @@ def summarize(models: list[dict]) -> dict:
         if tp:
             per = {}
             for r in tp:
-                d = per.setdefault(str(r["context"]), {"tokens_per_s": {}, "largest_batch_that_fits": None})
+                d = per.setdefault(str(r["context"]), {"tokens_per_s": {}, "floor_decode_tokens_per_s": {},
+                                                       "largest_batch_that_fits": None})
                 d["tokens_per_s"][str(r["batch"])] = round(r["output_tokens_per_s"], 1)
+                d["floor_decode_tokens_per_s"][str(r["batch"])] = round(
+                    1e3 * r["batch"] / floor_ms(m, r["batch"], r["context"]), 1)
                 if r["batch"] == 1 and r["kv_cache_usage_peak"] > 0:
                     d["largest_batch_that_fits"] = largest_batch_that_fits(r["kv_cache_usage_peak"])
             s["throughput"] = per
@@ -580,7 +655,62 @@ def summarize(models: list[dict]) -> dict:
                 "kv_cache_used_mib_first_last": [round(st[0]["kv_cache_used_bytes"] / 2**20, 1),
                                                  round(st[-1]["kv_cache_used_bytes"] / 2**20, 1)]}
         summary[m["name"]] = s
+    summary.update(goals(models))
     return summary
+
+
+GOAL_CONTEXTS = {"4k": 4096, "32k": 32768, "128k": 131072, "1m": 1048576}
+
+
+def _near(rows: list[dict], context: int, **match) -> dict | None:
+    """The row whose prompt length is nearest `context`, within 10% (a Transformer's "128K" is what its
+    positions hold: Qwen2.5-VL's 128,000 less the generated tokens), among rows with the given fields."""
+    rows = [r for r in rows if all(r.get(k) == v for k, v in match.items())
+            and abs(r["context"] - context) <= 0.1 * context]
+    return min(rows, key=lambda r: abs(r["context"] - context)) if rows else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
+def goals(models: list[dict]) -> dict:
+    """The served-performance figures (InfiniteVL against the first Transformer in the run), each None when
+    the run lacks what it needs: latencies are medians at batch 1 (decode-vs-context), throughputs decode
+    tokens/s at each model's largest batch that fits (`--batch max`), floors from `byte_floor`."""
+    ours = next((m for m in models if m["kind"] == "infinitevl"), None)
+    twin = next((m for m in models if m["kind"] == "transformer"), None)
+
+    def row(m: dict | None, workload: str, size: str, **match) -> dict | None:
+        return _near(m["raw"].get(workload) or [], GOAL_CONTEXTS[size], **match) if m else None
+
+    def itl(m, size):
+        r = row(m, "decode-vs-context", size)
+        return r and r["itl_ms_p50"]
+
+    def over_floor(m, size):
+        r = row(m, "decode-vs-context", size)
+        return r and r["itl_ms_p50"] / floor_ms(m, 1, r["context"])
+
+    def ttft(m, size):
+        r = row(m, "decode-vs-context", size)
+        return r and r["ttft_s"]
+
+    def tput(m, size):
+        r = row(m, "throughput", size, largest_that_fits=True)
+        return r and r["decode_tokens_per_s"]
+
+    floors = [f for f in (over_floor(ours, size) for size in GOAL_CONTEXTS) if f is not None]
+    return {
+        "itl_bs1_over_floor_max": round(max(floors), 3) if floors else None,
+        "itl_ratio_1m_4k": _ratio(itl(ours, "1m"), itl(ours, "4k")),
+        "itl_speedup_vs_qwen_128k": _ratio(itl(twin, "128k"), itl(ours, "128k")),
+        "tput_ratio_32k": _ratio(tput(ours, "32k"), tput(twin, "32k")),
+        "tput_ratio_128k": _ratio(tput(ours, "128k"), tput(twin, "128k")),
+        "prefill_speedup_128k": _ratio(ttft(twin, "128k"), ttft(ours, "128k")),
+        "session_fps": None,  # not measured by this tool yet
+        "qwen_itl_bs1_over_floor_128k": _ratio(over_floor(twin, "128k"), 1.0),
+    }
 
 
 def run_bench(spec: BenchSpec, out: Path, plot: Path | None = None, note: str = "", quiet: bool = False) -> dict:
@@ -604,7 +734,12 @@ def run_bench(spec: BenchSpec, out: Path, plot: Path | None = None, note: str = 
     started, load_before = time.time(), os.getloadavg()
     models = []
     with open(log_path, "w") as log, tempfile.TemporaryDirectory() as tmp, \
-            tqdm(total=progress_steps(spec) * len(infos), desc="bench", unit="step", disable=quiet) as bar:
+            tqdm(total=sum(progress_steps(spec, i) for i in infos), desc="bench", unit="step",
+                 disable=quiet) as bar:
+        for info in infos:
+            if info.skipped_contexts:
+                bar.write(f"bench: {info.name} skips prompts of {info.skipped_contexts} tokens (beyond its "
+                          f"max_position_embeddings, {info.max_position_embeddings})")
         for info in infos:
             models.append(_run_worker(spec, info, Path(tmp), log, bar))
     result = {
@@ -637,15 +772,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workload", required=True,
                    help=f"one or more of {', '.join(WORKLOADS)} (comma-separated; one engine per model runs all)")
     p.add_argument("--contexts", default="256,1k,4k,16k", help="decode-vs-context prompt lengths, e.g. 256,1k,32k")
-    p.add_argument("--batch", default="1,4,16", help="throughput batch sizes")
+    p.add_argument("--batch", default="1,4,16",
+                   help="throughput batch sizes; 'max': the largest batch the KV budget holds (from a batch-1 run)")
     p.add_argument("--throughput-contexts", default="1k", help="throughput prompt lengths")
     p.add_argument("--frames", type=int, default=16, help="streaming: frames in the stream")
     p.add_argument("--gen-tokens", type=int, default=32, help="tokens decoded per request")
     p.add_argument("--kv-cache-gib", type=float, default=2.0,
                    help="the KV-cache budget every model gets (vLLM's kv_cache_memory_bytes)")
     p.add_argument("--dtype", default="auto", help="as vLLM's --dtype")
-    p.add_argument("--compile", action="store_true", help="let vLLM compile (default: enforce_eager)")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="auto: vLLM's defaults (torch.compile + CUDA graphs) on CUDA, eager on CPU")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="as vLLM's (the prefill chunk)")
+    p.add_argument("--max-batch", type=int, default=1024, help="the most sequences --batch max runs at once")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="result JSON (the engine logs go beside it, .log)")
     p.add_argument("--plot", type=Path, default=None, help="PNG of the curves (needs matplotlib)")
@@ -656,10 +794,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def spec_from_args(a: argparse.Namespace) -> BenchSpec:
     return BenchSpec(models=a.models, workloads=[w.strip() for w in a.workload.split(",") if w.strip()],
-                     contexts=parse_list(a.contexts), batches=parse_list(a.batch),
+                     contexts=parse_list(a.contexts), batches=parse_batches(a.batch),
                      throughput_contexts=parse_list(a.throughput_contexts), frames=a.frames,
                      gen_tokens=a.gen_tokens, kv_cache_gib=a.kv_cache_gib, dtype=a.dtype,
-                     enforce_eager=not a.compile, max_num_batched_tokens=a.max_num_batched_tokens, seed=a.seed)
+                     enforce_eager={"auto": None, "on": False, "off": True}[a.compile],
+                     max_num_batched_tokens=a.max_num_batched_tokens, seed=a.seed, max_batch=a.max_batch)
 
 
 def main(argv: list[str]) -> int:
