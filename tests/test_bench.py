@@ -114,7 +114,7 @@ def test_unknown_workload_is_one_line(tiny_ckpt, tmp_path, capsys):
     assert cli(["bench", "--models", str(tiny_ckpt), "--workload", "decode-vs-contxt", "--out",
                 str(tmp_path / "r.json")]) == 2
     assert one_error_line(capsys) == ("infinitevl-vllm bench: unknown workload 'decode-vs-contxt'; choose from "
-                                      "decode-vs-context, throughput, streaming")
+                                      "decode-vs-context, throughput, streaming, session")
     assert not (tmp_path / "r.json").exists()
 
 
@@ -189,9 +189,9 @@ def test_small_run_of_every_workload_writes_a_complete_result(tiny_ckpt, twin_ck
     from infinitevl_vllm.tools.bench import run_bench
 
     spec = BenchSpec(models=[str(tiny_ckpt), str(twin_ckpt)],
-                     workloads=["decode-vs-context", "throughput", "streaming"],
+                     workloads=["decode-vs-context", "throughput", "streaming", "session"],
                      contexts=[64, 300], batches=[1, 2, LARGEST_BATCH], throughput_contexts=[100], frames=2,
-                     gen_tokens=4, kv_cache_gib=0.5, max_batch=3)
+                     gen_tokens=4, kv_cache_gib=0.5, max_batch=3, session_frames=3)
     out, png = tmp_path / "r.json", tmp_path / "r.png"
     run_bench(spec, out, png, note="test", quiet=True)
 
@@ -235,4 +235,12 @@ def test_small_run_of_every_workload_writes_a_complete_result(tiny_ckpt, twin_ck
         assert m["engine"]["enforce_eager"] is True and m["copy_bandwidth"]["bytes_per_s"] > 1e8
         rows = result["summary"][m["name"]]["decode_vs_context"]
         assert all(0 < r["floor_ms"] and r["itl_p50_over_floor"] > 1 for r in rows.values())
+    # the live session (InfiniteVL's feature; the Transformer has none): 3 frames, questions at 1, 2 and 3
+    session = ours["raw"]["session"]
+    assert "session" not in twin["raw"]
+    assert session["frames"] == 3 and session["fps"] > 0 and session["append_ms_p50"] > 0
+    assert [q["frames"] for q in session["questions"]] == [1, 2, 3]
+    assert all(q["output_tokens"] == 4 and q["answer_s"] > 0 for q in session["questions"])
+    assert session["questions"][2]["tokens"] == session["questions"][0]["tokens"] + 2 * 256  # 256 a frame
+    assert result["summary"]["session_fps"] == round(session["fps"], 2)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -17,6 +17,10 @@ Workloads (one engine per model runs all that are asked for):
   1..k (448x448 images) and a question and decodes ``--gen-tokens`` tokens; latency and memory per step
   as the stream grows. vLLM serves each step as a new request (prefix caching is off for every model,
   as InfiniteVL's plugin refuses it), so TTFT includes re-reading the stream.
+- ``session`` (InfiniteVL only; the sessions are its feature): one live stream through a ``StreamSession``
+  on the engine, ``--session-frames`` 448x448 frames appended one request each, and a question answered on
+  a fork of the state at the first, middle and last frame: frames per second sustained, per-frame append
+  latency, time to answer, KV cache in use.
 
 Floors: each model's engine records what one decode step must move through memory (``byte_floor``: the
 weights once, and per sequence its state, or its whole KV context for a Transformer) and its worker measures
@@ -41,7 +45,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-WORKLOADS = ("decode-vs-context", "throughput", "streaming")
+WORKLOADS = ("decode-vs-context", "throughput", "streaming", "session")
 FRAME_SIZE = 448  # the paper's streaming frames: 448x448 -> 256 visual tokens on Qwen2.5-VL's processor
 PROGRESS = "@@bench "  # worker stdout lines with this prefix are progress events for the parent
 TRANSFORMER_KV_ARCHS = ("Qwen2_5_VLForConditionalGeneration", "Qwen2VLForConditionalGeneration")
@@ -92,6 +96,7 @@ class BenchSpec:
     max_num_batched_tokens: int | None = None
     seed: int = 0
     max_batch: int = 1024  # the most sequences `--batch max` runs at once (the engine's max_num_seqs then)
+    session_frames: int = 2000
 
 
 @dataclass
@@ -197,8 +202,9 @@ def check_spec(spec: BenchSpec) -> list[ModelInfo]:
                          ("--throughput-contexts", spec.throughput_contexts)):
         if not values:
             raise BenchError(f"{name} is empty")
-    if spec.frames < 1 or spec.gen_tokens < 2:
-        raise BenchError("--frames must be at least 1 and --gen-tokens at least 2 (latency needs two tokens)")
+    if spec.frames < 1 or spec.gen_tokens < 2 or spec.session_frames < 1:
+        raise BenchError("--frames and --session-frames must be at least 1 and --gen-tokens at least 2 (latency "
+                         "needs two tokens)")
     if spec.kv_cache_gib <= 0:
         raise BenchError("--kv-cache-gib must be positive")
     if spec.max_batch < 1:
@@ -239,6 +245,8 @@ def progress_steps(spec: BenchSpec, info: ModelInfo) -> int:
         n += len(info.throughput_contexts) * len(throughput_batches(spec.batches))
     if "streaming" in spec.workloads:
         n += spec.frames
+    if "session" in spec.workloads and info.kind == "infinitevl":
+        n += spec.session_frames
     return n
 
 
@@ -376,7 +384,8 @@ class Worker:
             max_num_seqs=spec.max_batch if LARGEST_BATCH in spec.batches else max(spec.batches),
             max_num_batched_tokens=spec.max_num_batched_tokens, enable_prefix_caching=False,
             kv_cache_memory_bytes=int(spec.kv_cache_gib * 2**30), disable_log_stats=False,
-            limit_mm_per_prompt={"image": spec.frames if "streaming" in spec.workloads else 0, "video": 0},
+            limit_mm_per_prompt={"image": max(spec.frames if "streaming" in spec.workloads else 0,
+                                              4 if "session" in spec.workloads else 0), "video": 0},
         )
         t0 = time.perf_counter()
         self.engine = LLMEngine.from_engine_args(args, stat_loggers=[self.stats.factory()])
@@ -485,9 +494,60 @@ class Worker:
             _emit({"event": "measured", "workload": "streaming", "frames": k})
         return rows
 
+    def session(self) -> dict:
+        import numpy as np
+        from PIL import Image
+
+        from ..serving.sessions import StreamSession
+
+        n = self.spec.session_frames
+        ask_at = sorted({1, (n + 1) // 2, n})
+        appends, answers = [], []
+        self.stats.clear()
+        self.memory.reset()
+        with StreamSession(_EngineAsLLM(self.engine)) as session:
+            for k in range(1, n + 1):
+                rng = np.random.default_rng(self.spec.seed * 7919 + k)
+                frame = Image.fromarray((rng.random((FRAME_SIZE, FRAME_SIZE, 3)) * 255).astype("uint8"))
+                t0 = time.perf_counter()
+                session.append([frame])
+                appends.append(time.perf_counter() - t0)
+                if k in ask_at:
+                    t0 = time.perf_counter()
+                    out = session.ask("What is happening now?", self.sampling)
+                    answers.append({"frames": k, "answer_s": time.perf_counter() - t0,
+                                    "output_tokens": len(out.outputs[0].token_ids), **session.info()})
+                _emit({"event": "measured", "workload": "session", "frames": k})
+        budget = self.spec.kv_cache_gib * 2**30
+        return {"frames": n, "fps": n / sum(appends), "append_ms_p50": 1e3 * _percentile(appends, 0.5),
+                "append_ms_p90": 1e3 * _percentile(appends, 0.9), "append_ms_max": 1e3 * max(appends),
+                "questions": answers, "kv_cache_used_bytes": int(self.stats.kv_usage * budget),
+                **self.memory.peaks()}
+
     def close(self) -> None:
         self.engine.engine_core.shutdown()
         self.memory.close()
+
+
+class _EngineAsLLM:
+    """The part of `vllm.LLM` a StreamSession uses, over the worker's own LLMEngine (which keeps the
+    harness's stat logger)."""
+
+    def __init__(self, engine):
+        self.llm_engine = engine
+        self.collective_rpc = engine.collective_rpc
+
+    def generate(self, prompts: list, params, use_tqdm: bool = False) -> list:
+        index = {}  # the id we give and the one the engine assigns (outputs carry the latter) -> position
+        for i, prompt in enumerate(prompts):
+            given = f"session-{time.monotonic_ns()}-{i}"
+            index[given] = index[self.llm_engine.add_request(given, prompt, params) or given] = i
+        done = [None] * len(prompts)
+        while self.llm_engine.has_unfinished_requests():
+            for o in self.llm_engine.step():
+                if o.finished:
+                    done[index[o.request_id]] = o
+        return done
 
 
 def worker_main(spec_file: str, info_file: str, out_file: str) -> int:
@@ -498,8 +558,8 @@ def worker_main(spec_file: str, info_file: str, out_file: str) -> int:
     try:
         raw = {}
         for name, run in (("decode-vs-context", w.decode_vs_context), ("throughput", w.throughput),
-                          ("streaming", w.streaming)):
-            if name in spec.workloads:
+                          ("streaming", w.streaming), ("session", w.session)):
+            if name in spec.workloads and (name != "session" or info.kind == "infinitevl"):
                 raw[name] = run()
         result = {**asdict(info), "startup_s": w.startup_s, "kv_cache_blocks": w.kv_blocks,
                   "engine": w.settings, "step_bytes": asdict(w.step_bytes), "copy_bandwidth": w.bandwidth,
@@ -708,7 +768,7 @@ def goals(models: list[dict]) -> dict:
         "tput_ratio_32k": _ratio(tput(ours, "32k"), tput(twin, "32k")),
         "tput_ratio_128k": _ratio(tput(ours, "128k"), tput(twin, "128k")),
         "prefill_speedup_128k": _ratio(ttft(twin, "128k"), ttft(ours, "128k")),
-        "session_fps": None,  # not measured by this tool yet
+        "session_fps": round(ours["raw"]["session"]["fps"], 2) if ours and ours["raw"].get("session") else None,
         "qwen_itl_bs1_over_floor_128k": _ratio(over_floor(twin, "128k"), 1.0),
     }
 
@@ -776,6 +836,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="throughput batch sizes; 'max': the largest batch the KV budget holds (from a batch-1 run)")
     p.add_argument("--throughput-contexts", default="1k", help="throughput prompt lengths")
     p.add_argument("--frames", type=int, default=16, help="streaming: frames in the stream")
+    p.add_argument("--session-frames", type=int, default=2000, help="session: frames appended to the live stream")
     p.add_argument("--gen-tokens", type=int, default=32, help="tokens decoded per request")
     p.add_argument("--kv-cache-gib", type=float, default=2.0,
                    help="the KV-cache budget every model gets (vLLM's kv_cache_memory_bytes)")
@@ -798,7 +859,8 @@ def spec_from_args(a: argparse.Namespace) -> BenchSpec:
                      throughput_contexts=parse_list(a.throughput_contexts), frames=a.frames,
                      gen_tokens=a.gen_tokens, kv_cache_gib=a.kv_cache_gib, dtype=a.dtype,
                      enforce_eager={"auto": None, "on": False, "off": True}[a.compile],
-                     max_num_batched_tokens=a.max_num_batched_tokens, seed=a.seed, max_batch=a.max_batch)
+                     max_num_batched_tokens=a.max_num_batched_tokens, seed=a.seed, max_batch=a.max_batch,
+                     session_frames=a.session_frames)
 
 
 def main(argv: list[str]) -> int:
