@@ -93,6 +93,8 @@ def copy_bandwidth(device: str = "cuda", gib: float = 1.0, repeats: int = 20) ->
         end.record()
         end.synchronize()
         seconds = start.elapsed_time(end) / 1e3
+        del src, dst
+        torch.cuda.empty_cache()  # the buffers go back to the device, not to this process's cache
     else:
         t0 = time.perf_counter()
         for _ in range(repeats):
