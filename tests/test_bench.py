@@ -13,6 +13,7 @@ from infinitevl_vllm.tools.bench import (
     BenchError,
     BenchSpec,
     check_spec,
+    floor_ms,
     goals,
     parse_batches,
     parse_list,
@@ -140,7 +141,7 @@ def test_a_transformer_skips_contexts_beyond_its_positions_and_refuses_when_none
 
 def _model(kind: str, dvc: list[tuple[int, float, float]], tput: list[tuple[int, float]]) -> dict:
     """A bench result entry: decode-vs-context rows (context, itl p50 ms, ttft s), largest-batch throughput
-    rows (context, decode tokens/s); floors of 1 ms a step whatever the context (1 GB at 1 GB/s)."""
+    rows (context, decode tokens/s); floors of 1 ms a step whatever the context (1 MB at 1 GB/s)."""
     return {"kind": kind, "step_bytes": {"weights": 10**6, "per_sequence": 0, "per_context_token": 0,
                                          "context_cap": None},
             "copy_bandwidth": {"bytes_per_s": 1e9},
@@ -162,6 +163,9 @@ def test_goal_figures_compare_infinitevl_with_the_transformer_at_the_named_lengt
     assert g["prefill_speedup_128k"] == 2.5
     assert (g["tput_ratio_32k"], g["tput_ratio_128k"]) == (9.0, 40.0)  # largest-batch rows only
     assert g["qwen_itl_bs1_over_floor_128k"] == 2.6 and g["session_fps"] is None
+    twin["step_bytes"] = None  # a Transformer whose KV layout the harness does not know: no floor
+    assert goals([ours, twin])["qwen_itl_bs1_over_floor_128k"] is None
+    assert floor_ms(twin, 1, 127000) is None
     alone = goals([ours])  # no Transformer in the run: its comparisons are None, ours still computed
     assert alone["itl_speedup_vs_qwen_128k"] is None and alone["itl_ratio_1m_4k"] is not None
 

@@ -395,7 +395,10 @@ class Worker:
         self.settings = {"dtype": str(config.model_config.dtype).removeprefix("torch."), "enforce_eager": eager,
                          "compilation_mode": str(config.compilation_config.mode),
                          "cudagraph_mode": str(config.compilation_config.cudagraph_mode)}
-        self.step_bytes = engine_step_bytes(self.engine.vllm_config, info.path, info.kv_bytes_per_token)
+        try:
+            self.step_bytes = asdict(engine_step_bytes(self.engine.vllm_config, info.path, info.kv_bytes_per_token))
+        except ValueError:  # a Transformer whose KV layout we do not know: measured, without a floor
+            self.step_bytes = None
         self.bandwidth = copy_bandwidth("cuda") if cuda else copy_bandwidth("cpu", gib=0.25, repeats=10)
         self._run([self._ids(64, -1)])  # warm-up: first-call costs stay out of the measurements
         _emit({"event": "started", "startup_s": round(self.startup_s, 2)})
@@ -562,7 +565,7 @@ def worker_main(spec_file: str, info_file: str, out_file: str) -> int:
             if name in spec.workloads and (name != "session" or info.kind == "infinitevl"):
                 raw[name] = run()
         result = {**asdict(info), "startup_s": w.startup_s, "kv_cache_blocks": w.kv_blocks,
-                  "engine": w.settings, "step_bytes": asdict(w.step_bytes), "copy_bandwidth": w.bandwidth,
+                  "engine": w.settings, "step_bytes": w.step_bytes, "copy_bandwidth": w.bandwidth,
                   "raw": raw}
     finally:
         w.close()
@@ -671,11 +674,27 @@ def largest_batch_that_fits(kv_usage_one_sequence: float) -> int:
     return int(1.0 / kv_usage_one_sequence + 1e-9)
 
 
-def floor_ms(m: dict, batch: int, context: int) -> float:
-    """A model's decode-step byte floor in milliseconds at its worker's measured copy bandwidth."""
+def floor_ms(m: dict, batch: int, context: int) -> float | None:
+    """A model's decode-step byte floor in milliseconds at its worker's measured copy bandwidth (None for
+    a model whose state layout is unknown)."""
     from .byte_floor import StepBytes
 
+    if not m.get("step_bytes"):
+        return None
     return 1e3 * StepBytes(**m["step_bytes"]).at(batch, context) / m["copy_bandwidth"]["bytes_per_s"]
+
+
+def _over(a: float, b: float | None, digits: int) -> float | None:
+    return round(a / b, digits) if b else None
+
+
+def _latency_row(m: dict, r: dict) -> dict:
+    floor = floor_ms(m, 1, r["context"])
+    return {"ttft_s": round(r["ttft_s"], 3), "itl_ms": round(r["itl_ms_mean"], 2),
+            "itl_ms_p50": round(r["itl_ms_p50"], 2), "floor_ms": floor and round(floor, 4),
+            "itl_p50_over_floor": _over(r["itl_ms_p50"], floor, 2),
+            "kv_cache_used_mib": round(r["kv_cache_used_bytes"] / 2**20, 1),
+            "peak_rss_gib": round(r["peak_rss_bytes"] / 2**30, 2)}
 
 
 def summarize(models: list[dict]) -> dict:
@@ -686,13 +705,7 @@ def summarize(models: list[dict]) -> dict:
                    "copy_bandwidth_gb_s": round(m["copy_bandwidth"]["bytes_per_s"] / 1e9, 1)}
         dvc = m["raw"].get("decode-vs-context")
         if dvc:
-            s["decode_vs_context"] = {
-                str(r["context"]): {"ttft_s": round(r["ttft_s"], 3), "itl_ms": round(r["itl_ms_mean"], 2),
-                                    "itl_ms_p50": round(r["itl_ms_p50"], 2),
-                                    "floor_ms": round(floor_ms(m, 1, r["context"]), 4),
-                                    "itl_p50_over_floor": round(r["itl_ms_p50"] / floor_ms(m, 1, r["context"]), 2),
-                                    "kv_cache_used_mib": round(r["kv_cache_used_bytes"] / 2**20, 1),
-                                    "peak_rss_gib": round(r["peak_rss_bytes"] / 2**30, 2)} for r in dvc}
+            s["decode_vs_context"] = {str(r["context"]): _latency_row(m, r) for r in dvc}
             s["itl_p50_growth_longest_vs_shortest"] = round(dvc[-1]["itl_ms_p50"] / dvc[0]["itl_ms_p50"], 2)
         tp = m["raw"].get("throughput")
         if tp:
@@ -701,8 +714,8 @@ def summarize(models: list[dict]) -> dict:
                 d = per.setdefault(str(r["context"]), {"tokens_per_s": {}, "floor_decode_tokens_per_s": {},
                                                        "largest_batch_that_fits": None})
                 d["tokens_per_s"][str(r["batch"])] = round(r["output_tokens_per_s"], 1)
-                d["floor_decode_tokens_per_s"][str(r["batch"])] = round(
-                    1e3 * r["batch"] / floor_ms(m, r["batch"], r["context"]), 1)
+                d["floor_decode_tokens_per_s"][str(r["batch"])] = _over(1e3 * r["batch"],
+                                                                        floor_ms(m, r["batch"], r["context"]), 1)
                 if r["batch"] == 1 and r["kv_cache_usage_peak"] > 0:
                     d["largest_batch_that_fits"] = largest_batch_that_fits(r["kv_cache_usage_peak"])
             s["throughput"] = per
@@ -750,7 +763,7 @@ def goals(models: list[dict]) -> dict:
 
     def over_floor(m, size):
         r = row(m, "decode-vs-context", size)
-        return r and r["itl_ms_p50"] / floor_ms(m, 1, r["context"])
+        return r and _over(r["itl_ms_p50"], floor_ms(m, 1, r["context"]), 6)
 
     def ttft(m, size):
         r = row(m, "decode-vs-context", size)
