@@ -25,39 +25,15 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 import transformers
-from PIL import Image
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
 from infinitevl_vllm.checkpoint import load_reference, make_checkpoint
 from infinitevl_vllm.reference import MultimodalInputs
+from infinitevl_vllm.tools.workloads import chat_prompt, hf_prompt_logprobs, parity_questions
 
-TEXT_WORDS = (5, 40, 200, 800)  # tests/gpu/helpers.PARITY_TEXT_WORDS
-WORDS = "red cat runs over the blue hill and sings loudly while dogs bark".split()
 BF16_RELATIVE = 2.0**-9
-
-
-def texts(seed: int = 11) -> list[str]:
-    """The GPU suite's parity texts (tests/vllm_helpers.random_texts with its seed)."""
-    g = torch.Generator().manual_seed(seed)
-    return [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (n,), generator=g).tolist()) for n in TEXT_WORDS]
-
-
-def image(seed: int = 0, size: tuple[int, int] = (224, 224)) -> Image.Image:
-    """The suite's first random image (tests/conftest.random_image)."""
-    rng = np.random.default_rng(seed)
-    return Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype("uint8"))
-
-
-def prompts(processor) -> list[tuple[str, list[Image.Image]]]:
-    def chat(text: str, n_images: int) -> str:
-        content = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
-        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                             tokenize=False)
-
-    return [*((chat(t, 0), []) for t in texts()), (chat("Describe it.", 1), [image()])]
 
 
 class Side:
@@ -66,7 +42,8 @@ class Side:
     def __init__(self, name: str, ckpt: Path):
         self.name, self.ckpt = name, ckpt
         self.processor = AutoProcessor.from_pretrained(ckpt)
-        self.prompts = prompts(self.processor)
+        self.prompts = [(chat_prompt(self.processor, text, n_images=len(images)), images)
+                        for text, images in parity_questions()]
         self.f32 = self.load(torch.float32)
 
     def load(self, dtype: torch.dtype):
@@ -80,19 +57,17 @@ class Side:
     def embeddings(self, model) -> torch.nn.Module:
         return model.model.embed_tokens if self.name == "ours" else model.model.language_model.embed_tokens
 
-    @torch.no_grad()
     def logprobs(self, model, with_images: bool = True) -> torch.Tensor:
         out = []
         for prompt, images in self.prompts:
             if images and not with_images:
                 continue
-            batch = self.processor(text=[prompt], return_tensors="pt", **({"images": images} if images else {}))
             if self.name == "ours":
-                out.append(model.prompt_logprobs(MultimodalInputs.from_processor(batch)).double())
+                batch = self.processor(text=[prompt], return_tensors="pt", **({"images": images} if images else {}))
+                with torch.no_grad():
+                    out.append(model.prompt_logprobs(MultimodalInputs.from_processor(batch)).double())
             else:
-                batch = batch.to(dtype=model.dtype) if model.dtype != torch.float32 else batch
-                logits, ids = model(**batch).logits[0], batch["input_ids"][0]
-                out.append(torch.log_softmax(logits[:-1].double(), -1).gather(-1, ids[1:, None]).squeeze(-1))
+                out.append(hf_prompt_logprobs(model, self.processor, prompt, images)[1])
         return torch.cat(out)
 
 

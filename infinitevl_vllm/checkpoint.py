@@ -201,21 +201,28 @@ def _shard_files(ckpt: Path) -> dict[str, str]:
     raise CheckpointError(f"{ckpt}: no {INDEX_FILE} and no model.safetensors")
 
 
-def validate_checkpoint(ckpt: str | os.PathLike) -> InfiniteVLConfig:
-    """Check config, shards, names and shapes (headers only; no weights are read)."""
+def tensor_shapes(ckpt: str | os.PathLike) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Every stored tensor's shard and shape, from the safetensors headers (no weights are read)."""
     from safetensors import safe_open
 
     ckpt = Path(ckpt)
-    cfg = load_config(ckpt)
-    expected = expected_shapes(cfg)
     found: dict[str, tuple[str, tuple[int, ...]]] = {}
     for shard in sorted(set(_shard_files(ckpt).values())):
         try:
             with safe_open(ckpt / shard, "pt") as f:
                 for k in f.keys():
-                    found[canonical_name(k)] = (shard, tuple(f.get_slice(k).get_shape()))
+                    found[k] = (shard, tuple(f.get_slice(k).get_shape()))
         except Exception as e:
             raise CheckpointError(f"{ckpt / shard}: not a readable safetensors file ({e})") from None
+    return found
+
+
+def validate_checkpoint(ckpt: str | os.PathLike) -> InfiniteVLConfig:
+    """Check config, shards, names and shapes (headers only; no weights are read)."""
+    ckpt = Path(ckpt)
+    cfg = load_config(ckpt)
+    expected = expected_shapes(cfg)
+    found = {canonical_name(k): v for k, v in tensor_shapes(ckpt).items()}
     for name, shape in expected.items():
         if name not in found:
             raise CheckpointError(f"{ckpt}: tensor {name} is missing from every shard")

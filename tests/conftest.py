@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -57,9 +56,6 @@ def image_server():
     srv.server_close()
 
 
-def random_image(seed: int, size: tuple[int, int] = (224, 224)) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype("uint8"))
 
 # Triton's interpreter tests run in a process of their own (tests/test_triton_interpreter.py): once vLLM is
 # imported into a process, kernels run under TRITON_INTERPRET=1 there no longer resolve their helpers.

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 import torch
-from conftest import random_image
 from transformers import AutoProcessor
 
 from infinitevl_vllm.checkpoint import load_reference
 from infinitevl_vllm.reference import MultimodalInputs
+from infinitevl_vllm.tools.workloads import random_image
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 import subprocess
@@ -15,10 +14,10 @@ import time
 import urllib.error
 import urllib.request
 
-import numpy as np
 import pytest
-from PIL import Image
 from vllm_helpers import running_server
+
+from infinitevl_vllm.tools.workloads import image_data_url
 
 API_KEY = "sessions-key"
 MODEL = "infinitevl"
@@ -52,10 +51,9 @@ def call(method: str, url: str, body=None, key: str | None = API_KEY, raw: bytes
         return e.code, json.loads(e.read() or b"null")
 
 
-def frame_url(seed: int, size: tuple[int, int] = (300, 400)) -> str:
-    buf = io.BytesIO()
-    Image.fromarray((np.random.default_rng(seed).random((*size, 3)) * 255).astype("uint8")).save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+def frame_url(seed: int, size: tuple[int, int] = (400, 300)) -> str:
+    """A seeded PNG frame, size (width, height)."""
+    return image_data_url(seed=seed, size=size)
 
 
 def answer(resp) -> str:

@@ -53,7 +53,7 @@ def test_custom_system_prompt_replaces_default(tiny_ckpt):
 
 
 def test_processor_expands_image_pad(tiny_ckpt):
-    from conftest import random_image
+    from infinitevl_vllm.tools.workloads import random_image
 
     proc = AutoProcessor.from_pretrained(tiny_ckpt)
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}]

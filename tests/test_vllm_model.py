@@ -15,20 +15,19 @@ import os
 import psutil
 import pytest
 import torch
-from conftest import SMALL_WINDOW, random_image
+from conftest import SMALL_WINDOW
 from transformers import AutoProcessor
 from vllm_helpers import (
-    chat_prompt,
     check_batch_of_8_equals_each_alone,
     make_llm,
     prompt_logprobs_of,
-    random_texts,
     reference_inputs,
     video_frames,
     vllm_prompt,
 )
 
 from infinitevl_vllm.checkpoint import load_reference
+from infinitevl_vllm.tools.workloads import chat_prompt, random_image, random_texts
 
 LOGPROB_ATOL = 2e-3
 GREEDY_TOKENS = 12

@@ -4,11 +4,12 @@ tokens as the reference model (preemption: test_state_manager.py)."""
 from __future__ import annotations
 
 import torch
-from conftest import SMALL_WINDOW, random_image
+from conftest import SMALL_WINDOW
 from transformers import AutoProcessor
-from vllm_helpers import chat_prompt, make_llm, random_texts, reference_inputs, vllm_prompt
+from vllm_helpers import make_llm, reference_inputs, vllm_prompt
 
 from infinitevl_vllm.checkpoint import load_reference
+from infinitevl_vllm.tools.workloads import chat_prompt, random_image, random_texts
 
 CHUNK = 24  # tokens per scheduler step; not a multiple of the test window (16)
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from infinitevl_vllm.reference import MultimodalInputs
+from infinitevl_vllm.tools.workloads import chat_prompt, random_image, random_texts
 
 ENGINE_DEFAULTS = dict(
     enforce_eager=True,
@@ -34,19 +35,6 @@ def make_llm(ckpt, **overrides):
     from vllm import LLM
 
     return LLM(model=str(ckpt), **{**ENGINE_DEFAULTS, **overrides})
-
-
-def random_texts(lengths, seed: int = 0) -> list[str]:
-    """Seeded texts of the given word counts (plain words: a few tokens each)."""
-    words = "red cat runs over the blue hill and sings loudly while dogs bark".split()
-    g = torch.Generator().manual_seed(seed)
-    return [" ".join(words[i] for i in torch.randint(0, len(words), (n,), generator=g).tolist()) for n in lengths]
-
-
-def chat_prompt(processor, text: str, n_images: int = 0, video: bool = False) -> str:
-    content = [{"type": "image"}] * n_images + ([{"type": "video"}] if video else []) + [{"type": "text", "text": text}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                         tokenize=False)
 
 
 def video_frames(n: int, seed: int = 0, size=(112, 84)) -> np.ndarray:
@@ -82,8 +70,6 @@ def vllm_prompt(prompt: str, images=None, video=None) -> dict:
 def check_batch_of_8_equals_each_alone(llm, processor, sampling) -> None:
     """Greedy tokens of 8 prompts (1 to 160 words, the third an image question) run together equal each
     run alone, all of sampling.max_tokens long."""
-    from conftest import random_image
-
     prompts = [vllm_prompt(chat_prompt(processor, random_texts([n], seed=n)[0])) for n in (1, 5, 17, 40, 90, 3, 160, 8)]
     prompts[2] = vllm_prompt(chat_prompt(processor, "Describe it.", n_images=1), images=[random_image(5)])
     together = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, sampling, use_tqdm=False)]

@@ -12,15 +12,10 @@ the embedding matrix, read once) and, per sequence, the state it needs:
 
 from __future__ import annotations
 
-import json
 import math
-import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-                           "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 @dataclass
@@ -41,12 +36,9 @@ def language_weight_elements(ckpt: str | Path) -> int:
     """Elements of the weights a decode step reads, from the safetensors headers (no tensor is loaded):
     every tensor but the vision tower's; with a tied head the embedding matrix counts once (as the head),
     with an untied one the head counts and the embedding (a lookup of one row a sequence) does not."""
-    shapes: dict[str, list[int]] = {}
-    for shard in sorted(Path(ckpt).glob("*.safetensors")):
-        with open(shard, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(length))
-        shapes.update({k: v["shape"] for k, v in header.items() if k != "__metadata__"})
+    from ..checkpoint import tensor_shapes
+
+    shapes = {k: shape for k, (_, shape) in tensor_shapes(ckpt).items()}
     names = [k for k in shapes if "visual" not in k.split(".")]
     if any(k.endswith("lm_head.weight") for k in names):
         names = [k for k in names if not k.endswith("embed_tokens.weight")]

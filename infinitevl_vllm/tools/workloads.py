@@ -1,6 +1,6 @@
 """Workloads and measuring helpers shared by the benchmarks (benchmarks/) and the tests (tests/), so neither
 imports the other: process-tree RSS, one long sequence through an engine, a live stream through one session,
-synthetic images."""
+synthetic images and texts, chat prompts, and the prompt set of the bf16 parity measurements."""
 
 from __future__ import annotations
 
@@ -130,11 +130,59 @@ def run_stream(llm, frames: int, every: int = 250, batch: int = 8, log=print, on
     return {"points": points, "final_frames": done, "peak_rss_bytes": rss.peak}
 
 
-def image_data_url(fmt: str = "PNG", seed: int = 0, size=(96, 80)) -> str:
-    """A seeded random image as a data URL."""
+def random_image(seed: int, size: tuple[int, int] = (224, 224)):
+    """A seeded image of uniform noise, size (width, height)."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype("uint8"))
+
+
+def pil_data_url(image, fmt: str = "PNG") -> str:
+    """An image as the data URL a chat message carries."""
     buf = io.BytesIO()
-    Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype("uint8")).save(buf, fmt)
+    image.save(buf, fmt)
     return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def image_data_url(fmt: str = "PNG", seed: int = 0, size=(96, 80)) -> str:
+    """A seeded random image as a data URL."""
+    return pil_data_url(random_image(seed, size), fmt)
+
+
+def random_texts(lengths, seed: int = 0) -> list[str]:
+    """Seeded texts of the given word counts (plain words: a few tokens each)."""
+    words = "red cat runs over the blue hill and sings loudly while dogs bark".split()
+    g = torch.Generator().manual_seed(seed)
+    return [" ".join(words[i] for i in torch.randint(0, len(words), (n,), generator=g).tolist()) for n in lengths]
+
+
+def chat_prompt(processor, text: str, n_images: int = 0, video: bool = False) -> str:
+    content = [{"type": "image"}] * n_images + ([{"type": "video"}] if video else []) + [{"type": "text", "text": text}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False)
+
+
+# The bf16 parity prompts (tests/gpu, benchmarks/bf16_sensitivity.py): texts of several lengths (the longest
+# is 50x the GPU suite's 16-token window) and one image question.
+PARITY_TEXT_WORDS = (5, 40, 200, 800)
+
+
+def parity_questions() -> list[tuple[str, list]]:
+    """(user text, images) of the parity prompts, before the chat template."""
+    return [*((t, []) for t in random_texts(PARITY_TEXT_WORDS, seed=11)), ("Describe it.", [random_image(0)])]
+
+
+@torch.no_grad()
+def hf_prompt_logprobs(model, processor, prompt: str, images=None) -> tuple[list[int], torch.Tensor]:
+    """(prompt token ids, log p(token_t | <t) for t >= 1) from a transformers model: one forward pass over
+    the processor's inputs, logits taken to float64 before the log-softmax. On CPU in float32 it matches
+    vLLM's own float32 Qwen2.5-VL on the twin checkpoint to 3e-5 (texts and an image)."""
+    batch = processor(text=[prompt], return_tensors="pt", **({"images": images} if images else {}))
+    batch = batch.to(model.device)
+    if model.dtype != torch.float32:
+        batch = batch.to(dtype=model.dtype)
+    logits = model(**batch).logits[0]
+    ids = batch["input_ids"][0]
+    lp = torch.log_softmax(logits[:-1].double(), -1).gather(-1, ids[1:, None]).squeeze(-1)
+    return ids.tolist(), lp.cpu()

@@ -33,7 +33,9 @@ from typing import Any
 import pytest
 import torch
 
-from .helpers import F32_CHUNK, Parity, hf_prompt_logprobs, parity_prompts, vllm_prompt_logprobs
+from infinitevl_vllm.tools.workloads import hf_prompt_logprobs
+
+from .helpers import F32_CHUNK, Parity, parity_prompts, vllm_prompt_logprobs
 
 REPO = Path(__file__).resolve().parents[2]
 GPU_TESTS = Path(__file__).resolve().parent
@@ -223,11 +225,15 @@ def modes_in_log(text: str) -> dict[str, Any]:
 
 
 def _bf16_server_args(ckpt: Path) -> list[str]:
-    """`BF16_OPTIONS` + `BASE_OPTIONS` as `infinitevl-vllm serve` arguments."""
-    return [str(ckpt), "--api-key", API_KEY, "--dtype", "bfloat16", "--max-model-len", "4096",
-            "--max-num-seqs", "32", "--gpu-memory-utilization", str(GPU_MEMORY_UTILIZATION),
-            "--kv-cache-memory-bytes", str(KV_CACHE_BYTES), "--seed", "0", "--no-enable-prefix-caching",
-            "--limit-mm-per-prompt", '{"image": 2, "video": 1}']
+    """`BASE_OPTIONS` + `BF16_OPTIONS` (what `llm_bf16` runs with) as `infinitevl-vllm serve` arguments."""
+    args = [str(ckpt), "--api-key", API_KEY]
+    for name, value in {**BASE_OPTIONS, **BF16_OPTIONS}.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + flag[2:])
+        else:
+            args += [flag, json.dumps(value) if isinstance(value, dict) else str(value)]
+    return args
 
 
 class Server:

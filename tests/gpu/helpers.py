@@ -9,24 +9,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from conftest import random_image
 from PIL import Image
-from vllm_helpers import chat_prompt, prompt_logprobs_of, random_texts, vllm_prompt
+from vllm_helpers import prompt_logprobs_of, vllm_prompt
+
+from infinitevl_vllm.tools.workloads import chat_prompt, parity_questions, pil_data_url
 
 Prompt = tuple[str, list[Image.Image] | None]  # a chat-formatted prompt string and its images
 
 F32_CHUNK = 128  # the float32 engine's max_num_batched_tokens: longer prompts are prefilled in chunks
 
-# Texts of several lengths (the longest is 50x the 16-token test window) and one image question.
-PARITY_TEXT_WORDS = (5, 40, 200, 800)
 # Our bf16 error (against our float32 reference) may be at most this multiple of the Transformer twin's
 # (vLLM's Qwen2.5-VL in bf16 against transformers in float32) on the same prompts.
 PARITY_MAX_RATIO = 1.5
-
-
-def parity_questions() -> list[tuple[str, list[Image.Image]]]:
-    """(user text, images) of the parity prompts, before the chat template."""
-    return [*((t, []) for t in random_texts(PARITY_TEXT_WORDS, seed=11)), ("Describe it.", [random_image(0)])]
 
 
 def parity_prompts(processor) -> list[Prompt]:
@@ -38,19 +32,12 @@ def server_prompt_logprobs(base_url: str, model: str, questions: list[tuple[str,
                            api_key: str) -> list[tuple[list[int], torch.Tensor]]:
     """`vllm_prompt_logprobs` through a server's /v1/chat/completions (`prompt_logprobs: 0`, images as PNG data
     URLs), one request per question; the server applies the checkpoint's chat template itself."""
-    import base64
-    import io
     import json
     import urllib.request
 
-    def data_url(image: Image.Image) -> str:
-        buf = io.BytesIO()
-        image.save(buf, format="PNG")
-        return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
     out = []
     for text, images in questions:
-        content = [*({"type": "image_url", "image_url": {"url": data_url(im)}} for im in images),
+        content = [*({"type": "image_url", "image_url": {"url": pil_data_url(im)}} for im in images),
                    {"type": "text", "text": text}]
         body = {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 1,
                 "temperature": 0.0, "prompt_logprobs": 0}
@@ -72,20 +59,6 @@ def vllm_prompt_logprobs(llm, prompts: list[Prompt]) -> list[tuple[list[int], to
     outs = llm.generate([vllm_prompt(p, images) for p, images in prompts],
                         SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0), use_tqdm=False)
     return [(list(o.prompt_token_ids), torch.tensor(prompt_logprobs_of(o), dtype=torch.float64)) for o in outs]
-
-
-@torch.no_grad()
-def hf_prompt_logprobs(model, processor, prompt: str, images: list[Image.Image] | None = None
-                       ) -> tuple[list[int], torch.Tensor]:
-    """The same quantity from a transformers model (one forward pass over the processor's inputs, logits
-    taken to float64 before the log-softmax). On CPU in float32 it matches vLLM's own float32 Qwen2.5-VL
-    on the twin checkpoint to 3e-5 (texts and an image)."""
-    batch = processor(text=[prompt], return_tensors="pt", **({"images": images} if images else {}))
-    batch = batch.to(model.device)
-    logits = model(**batch).logits[0]
-    ids = batch["input_ids"][0]
-    lp = torch.log_softmax(logits[:-1].double(), -1).gather(-1, ids[1:, None]).squeeze(-1)
-    return ids.tolist(), lp.cpu()
 
 
 def mean_abs(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import random_image
-from vllm_helpers import chat_prompt, random_texts
+
+from infinitevl_vllm.tools.workloads import chat_prompt, random_image, random_texts
 
 from .helpers import PARITY_MAX_RATIO, Parity, Prompt, greedy_tokens
 

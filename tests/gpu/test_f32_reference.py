@@ -15,16 +15,16 @@ import time
 
 import pytest
 import torch
-from conftest import SMALL_WINDOW, random_image
+from conftest import SMALL_WINDOW
 from vllm_helpers import (
-    chat_prompt,
     check_batch_of_8_equals_each_alone,
     prompt_logprobs_of,
-    random_texts,
     reference_inputs,
     video_frames,
     vllm_prompt,
 )
+
+from infinitevl_vllm.tools.workloads import chat_prompt, random_image, random_texts
 
 from .helpers import F32_CHUNK, Prompt
 

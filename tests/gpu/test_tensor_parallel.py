@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from infinitevl_vllm.tools.workloads import parity_questions
+
 from .conftest import API_KEY
-from .helpers import Parity, mean_abs, parity_questions, server_prompt_logprobs
+from .helpers import Parity, mean_abs, server_prompt_logprobs
 
 pytestmark = pytest.mark.gpu
 
