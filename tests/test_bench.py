@@ -187,23 +187,74 @@ def test_broken_infinitevl_checkpoint_is_named(tiny_ckpt, tmp_path):
         check_spec(BenchSpec(models=[str(broken)], workloads=["throughput"]))
 
 
+# -- the decode-step profile -------------------------------------------------------------------------
+def test_a_profile_counts_kernels_and_gpu_time_per_step_from_the_trace(tmp_path):
+    """Only GPU kernels count (not the CPU ops and runtime calls beside them), and only the named trace."""
+    import gzip
+
+    from infinitevl_vllm.tools.bench import kernel_profile
+
+    def trace(name: str, events: list[dict]) -> None:
+        with gzip.open(tmp_path / f"{name}_dp0_pp0_tp0.123.pt.trace.json.gz", "wt") as f:
+            json.dump({"traceEvents": events}, f)
+
+    steps = 4
+    events = []
+    for _ in range(steps):  # a step: 3 GEMMs of 100 us, one recurrent kernel of 50 us, one graph launch
+        events += [{"cat": "kernel", "name": "gemm_bf16", "dur": 100.0} for _ in range(3)]
+        events += [{"cat": "kernel", "name": "gdn_recurrent", "dur": 50.0},
+                   {"cat": "cuda_runtime", "name": "cudaGraphLaunch", "dur": 20.0},
+                   {"cat": "cpu_op", "name": "aten::mm", "dur": 400.0}]
+    trace("decode-b1-c16384", events)
+    trace("decode-b64-c16384", [{"cat": "kernel", "name": "other", "dur": 1.0}])
+
+    prof = kernel_profile(tmp_path, "decode-b1-c16384", [1.0, 1.2, 0.9, 5.0])
+    assert prof["steps"] == steps and prof["step_wall_ms_median"] == 1.0
+    assert prof["kernels_per_step"] == 4 and prof["gpu_busy_ms_per_step"] == 0.35
+    assert [(k["name"], k["calls_per_step"], k["ms_per_step"], k["share"]) for k in prof["top_kernels"]] == [
+        ("gemm_bf16", 3, 0.3, round(300 / 350, 4)), ("gdn_recurrent", 1, 0.05, round(50 / 350, 4))]
+    with pytest.raises(BenchError, match="no profiler trace named decode-b9"):
+        kernel_profile(tmp_path, "decode-b9", [1.0])
+
+
+def test_profiling_is_refused_without_a_gpu(tiny_ckpt):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(BenchError, match="--profile-context needs a CUDA GPU"):
+        check_spec(BenchSpec(models=[str(tiny_ckpt)], workloads=["decode-vs-context"], profile_context=16384))
+
+
 # -- a small run of every workload ------------------------------------------------------------------
-def test_small_run_of_every_workload_writes_a_complete_result(tiny_ckpt, twin_ckpt, tmp_path):
-    """One engine per model runs all three workloads; both engines are gone afterwards."""
+def test_small_run_of_every_workload_writes_every_result_and_names_the_model_that_failed(tiny_ckpt, twin_ckpt,
+                                                                                          tmp_path):
+    """One engine per model runs all the workloads; every engine is gone afterwards. A model whose engine
+    fails (here: a truncated weight shard, found only when vLLM loads it) is named, and the models measured
+    before it stay in the result file."""
+    import shutil
+
     from infinitevl_vllm.tools.bench import run_bench
 
-    spec = BenchSpec(models=[str(tiny_ckpt), str(twin_ckpt)],
+    broken = tmp_path / "broken-twin"
+    shutil.copytree(twin_ckpt, broken)
+    shard = next(broken.glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    spec = BenchSpec(models=[str(tiny_ckpt), str(twin_ckpt), str(broken)],
                      workloads=["decode-vs-context", "throughput", "streaming", "session"],
                      contexts=[64, 300], batches=[1, 2, LARGEST_BATCH], throughput_contexts=[100], frames=2,
                      gen_tokens=4, kv_cache_gib=0.5, max_batch=3, session_frames=3)
     out, png = tmp_path / "r.json", tmp_path / "r.png"
-    run_bench(spec, out, png, note="test", quiet=True)
+    with pytest.raises(BenchError, match=r"broken-twin: the engine run failed .* \(what was measured is in .*r.json\)"):
+        run_bench(spec, out, png, note="test", quiet=True)
 
     assert psutil.Process().children(recursive=True) == []
     result = json.loads(out.read_text())
     assert result["machine"]["cpus"] >= 1 and result["versions"]["transformers"]
     assert result["settings"]["contexts"] == [64, 300] and result["note"] == "test"
-    ours, twin = result["models"]
+    ours, twin, failed = result["models"]
+    assert result["complete"] is False and ours["complete"] and twin["complete"] and not failed["complete"]
+    assert failed["raw"] == {} and result["summary"]["broken-twin"]["error"] == failed["error"]
     assert (ours["kind"], twin["kind"]) == ("infinitevl", "transformer")
     assert twin["architecture"] == "Qwen2_5_VLForConditionalGeneration"
     for m in (ours, twin):

@@ -56,6 +56,7 @@ class BenchError(ValueError):
 
 
 LARGEST_BATCH = 0  # `--batch max`: the largest batch whose sequences the KV budget holds at once
+PROFILE_STEPS = 8  # decode steps a `--profile-context` profile records
 
 
 def parse_tokens(text: str) -> int:
@@ -97,6 +98,7 @@ class BenchSpec:
     seed: int = 0
     max_batch: int = 1024  # the most sequences `--batch max` runs at once (the engine's max_num_seqs then)
     session_frames: int = 2000
+    profile_context: int | None = None  # profile InfiniteVL's decode step after prompts of this length
 
 
 @dataclass
@@ -182,6 +184,8 @@ def longest_prompt(spec: BenchSpec, info: ModelInfo) -> int:
         lengths += info.throughput_contexts
     if "streaming" in spec.workloads:
         lengths.append(stream_tokens(info, spec.frames))
+    if spec.profile_context and info.kind == "infinitevl":
+        lengths.append(spec.profile_context)
     return max(lengths)
 
 
@@ -209,6 +213,14 @@ def check_spec(spec: BenchSpec) -> list[ModelInfo]:
         raise BenchError("--kv-cache-gib must be positive")
     if spec.max_batch < 1:
         raise BenchError("--max-batch must be at least 1")
+    if spec.profile_context:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise BenchError("--profile-context needs a CUDA GPU (the profile counts GPU kernels)")
+        if spec.gen_tokens < PROFILE_STEPS + 2:
+            raise BenchError(f"--profile-context needs --gen-tokens of at least {PROFILE_STEPS + 2} (it profiles "
+                             f"{PROFILE_STEPS} decode steps)")
     infos = [describe_model(m) for m in spec.models]
     budget = spec.kv_cache_gib * 2**30
     for info in infos:
@@ -247,6 +259,8 @@ def progress_steps(spec: BenchSpec, info: ModelInfo) -> int:
         n += spec.frames
     if "session" in spec.workloads and info.kind == "infinitevl":
         n += spec.session_frames
+    if spec.profile_context and info.kind == "infinitevl":
+        n += 2 if "throughput" in spec.workloads else 1
     return n
 
 
@@ -363,8 +377,10 @@ def _percentile(xs: list[float], q: float) -> float:
 class Worker:
     """Runs every requested workload of one model in one engine and returns the raw measurements."""
 
-    def __init__(self, spec: BenchSpec, info: ModelInfo):
+    def __init__(self, spec: BenchSpec, info: ModelInfo, out_dir: str):
         self.spec, self.info = spec, info
+        self.raw: dict = {}  # workload -> its measurements so far
+        self.save = lambda: None  # worker_main's: rewrite the result file
         self.memory = TreeMemory()
         self.stats = _EngineStats()
         import torch
@@ -387,6 +403,13 @@ class Worker:
             limit_mm_per_prompt={"image": max(spec.frames if "streaming" in spec.workloads else 0,
                                               4 if "session" in spec.workloads else 0), "video": 0},
         )
+        self.profile_dir = None
+        if spec.profile_context and info.kind == "infinitevl":
+            from vllm.config import ProfilerConfig
+
+            self.profile_dir = Path(out_dir).resolve() / f"profile-{info.name}"
+            args.profiler_config = ProfilerConfig(profiler="torch", torch_profiler_dir=str(self.profile_dir),
+                                                  torch_profiler_with_stack=False)
         t0 = time.perf_counter()
         self.engine = LLMEngine.from_engine_args(args, stat_loggers=[self.stats.factory()])
         self.startup_s = time.perf_counter() - t0
@@ -410,8 +433,9 @@ class Worker:
         g = torch.Generator().manual_seed(self.spec.seed * 1_000_003 + n * 7919 + salt)
         return {"prompt_token_ids": torch.randint(1000, 150000, (n,), generator=g).tolist()}
 
-    def _run(self, prompts: list) -> dict:
-        """Submit prompts together, step the engine to the end, time every token as it comes out."""
+    def _run(self, prompts: list, profile: str | None = None) -> dict:
+        """Submit prompts together, step the engine to the end, time every token as it comes out.
+        With `profile` (a name), the torch profiler records PROFILE_STEPS decode steps once all are decoding."""
         self.stats.clear()
         self.memory.reset()
         t0 = time.perf_counter()
@@ -419,13 +443,27 @@ class Worker:
             self.engine.add_request(f"bench-{time.monotonic_ns()}-{i}", p, self.sampling)
         times: dict[str, list[float]] = {}
         prompt_tokens: dict[str, int] = {}
+        profiled: list[float] = []  # wall time of each profiled step
         while self.engine.has_unfinished_requests():
+            decoding = profile is not None and len(times) == len(prompts)
+            if decoding and not profiled:
+                self.engine.start_profile(profile)
+            t_step = time.perf_counter()
             outs = self.engine.step()
             now = time.perf_counter() - t0
+            if decoding and len(profiled) < PROFILE_STEPS:
+                profiled.append(time.perf_counter() - t_step)
+                if len(profiled) == PROFILE_STEPS:
+                    self.engine.stop_profile()
             for o in outs:
                 got = times.setdefault(o.request_id, [])
                 prompt_tokens[o.request_id] = len(o.prompt_token_ids or [])
                 got.extend([now] * (len(o.outputs[0].token_ids) - len(got)))
+        if profile is not None:
+            if len(profiled) < PROFILE_STEPS:
+                raise BenchError(f"--gen-tokens {self.spec.gen_tokens} leaves fewer than {PROFILE_STEPS} decode "
+                                 "steps to profile")
+            return {"step_wall_ms": [round(1e3 * t, 3) for t in profiled]}
         wall = time.perf_counter() - t0
         gaps = [b - a for ts in times.values() for a, b in zip(ts, ts[1:])]
         first = [ts[0] for ts in times.values()]
@@ -451,15 +489,19 @@ class Worker:
             **self.memory.peaks(),
         }
 
-    def decode_vs_context(self) -> list[dict]:
-        rows = []
+    def _rows(self, workload: str) -> list[dict]:
+        """The rows of a workload, kept in `raw` as they are measured (a crash keeps what was measured)."""
+        return self.raw.setdefault(workload, [])
+
+    def decode_vs_context(self) -> None:
+        rows = self._rows("decode-vs-context")
         for c in self.info.contexts:
             rows.append({"context": c, **self._run([self._ids(c, 0)])})
+            self.save()
             _emit({"event": "measured", "workload": "decode-vs-context", "context": c})
-        return rows
 
-    def throughput(self) -> list[dict]:
-        rows = []
+    def throughput(self) -> None:
+        rows = self._rows("throughput")
         for c in self.info.throughput_contexts:
             alone = None
             for b in throughput_batches(self.spec.batches):
@@ -472,17 +514,17 @@ class Worker:
                 # False also when early requests finished before the last were admitted (long prefills)
                 r["all_concurrent"] = r["max_running"] == b
                 rows.append({"context": c, "batch": b, "largest_that_fits": largest, **r})
+                self.save()
                 _emit({"event": "measured", "workload": "throughput", "context": c, "batch": b})
-        return rows
 
-    def streaming(self) -> list[dict]:
+    def streaming(self) -> None:
         import numpy as np
         from PIL import Image
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(self.info.path)
         frames = []
-        rows = []
+        rows = self._rows("streaming")
         for k in range(1, self.spec.frames + 1):
             rng = np.random.default_rng(self.spec.seed * 7919 + k)
             frames.append(Image.fromarray((rng.random((FRAME_SIZE, FRAME_SIZE, 3)) * 255).astype("uint8")))
@@ -494,10 +536,10 @@ class Worker:
                                            tokenize=False)
             r = self._run([{"prompt": text, "multi_modal_data": {"image": list(frames)}}])
             rows.append({"frames": k, **r})
+            self.save()
             _emit({"event": "measured", "workload": "streaming", "frames": k})
-        return rows
 
-    def session(self) -> dict:
+    def session(self) -> None:
         import numpy as np
         from PIL import Image
 
@@ -522,10 +564,24 @@ class Worker:
                                     "output_tokens": len(out.outputs[0].token_ids), **session.info()})
                 _emit({"event": "measured", "workload": "session", "frames": k})
         budget = self.spec.kv_cache_gib * 2**30
-        return {"frames": n, "fps": n / sum(appends), "append_ms_p50": 1e3 * _percentile(appends, 0.5),
-                "append_ms_p90": 1e3 * _percentile(appends, 0.9), "append_ms_max": 1e3 * max(appends),
-                "questions": answers, "kv_cache_used_bytes": int(self.stats.kv_usage * budget),
-                **self.memory.peaks()}
+        self.raw["session"] = {
+            "frames": n, "fps": n / sum(appends), "append_ms_p50": 1e3 * _percentile(appends, 0.5),
+            "append_ms_p90": 1e3 * _percentile(appends, 0.9), "append_ms_max": 1e3 * max(appends),
+            "questions": answers, "kv_cache_used_bytes": int(self.stats.kv_usage * budget), **self.memory.peaks()}
+        self.save()
+
+    def profile(self) -> None:
+        """The served decode step under the torch profiler, at batch 1 and at the largest batch the throughput
+        workload ran, after prompts of `--profile-context` tokens: kernels a step and where the GPU time goes."""
+        c = self.spec.profile_context
+        largest = max((r["batch"] for r in self.raw.get("throughput", [])), default=1)
+        profiles = self.raw.setdefault("profile", {})
+        for batch in sorted({1, largest}):
+            name = f"decode-b{batch}-c{c}"
+            walls = self._run([self._ids(c, 100 + i) for i in range(batch)], profile=name)["step_wall_ms"]
+            profiles[name] = {"batch": batch, "context": c, **kernel_profile(self.profile_dir, name, walls)}
+            self.save()
+            _emit({"event": "measured", "workload": "profile", "batch": batch})
 
     def close(self) -> None:
         self.engine.engine_core.shutdown()
@@ -553,36 +609,74 @@ class _EngineAsLLM:
         return done
 
 
-def worker_main(spec_file: str, info_file: str, out_file: str) -> int:
-    """Entry of the per-model subprocess."""
+def worker_main(spec_file: str, info_file: str, out_file: str, results_dir: str) -> int:
+    """Entry of the per-model subprocess: the result file is rewritten after every measurement, so a crash
+    keeps everything measured before it (`complete` says whether the run finished)."""
     spec = BenchSpec(**json.loads(Path(spec_file).read_text()))
     info = ModelInfo(**json.loads(Path(info_file).read_text()))
-    w = Worker(spec, info)
+    w = Worker(spec, info, results_dir)
+
+    def save(complete: bool = False) -> None:
+        result = {**asdict(info), "startup_s": w.startup_s, "kv_cache_blocks": w.kv_blocks, "engine": w.settings,
+                  "step_bytes": w.step_bytes, "copy_bandwidth": w.bandwidth, "raw": w.raw, "complete": complete}
+        tmp = Path(out_file + ".tmp")
+        tmp.write_text(json.dumps(result))
+        tmp.replace(out_file)
+
+    w.save = save
     try:
-        raw = {}
         for name, run in (("decode-vs-context", w.decode_vs_context), ("throughput", w.throughput),
                           ("streaming", w.streaming), ("session", w.session)):
             if name in spec.workloads and (name != "session" or info.kind == "infinitevl"):
-                raw[name] = run()
-        result = {**asdict(info), "startup_s": w.startup_s, "kv_cache_blocks": w.kv_blocks,
-                  "engine": w.settings, "step_bytes": w.step_bytes, "copy_bandwidth": w.bandwidth,
-                  "raw": raw}
+                run()
+        if w.profile_dir is not None:
+            w.profile()
+        save(complete=True)
     finally:
         w.close()
-    Path(out_file).write_text(json.dumps(result))
     return 0
 
 
+def kernel_profile(trace_dir: Path, name: str, step_wall_ms: list[float], top: int = 25) -> dict:
+    """Kernels a step and GPU time a step, by kernel name, from the torch profiler's trace of `name`
+    (vLLM writes `<name>_<rank>.<time>.pt.trace.json.gz` into `trace_dir`)."""
+    import gzip
+
+    traces = sorted(trace_dir.glob(f"{name}_*.pt.trace.json*"), key=lambda f: f.stat().st_mtime)
+    if not traces:
+        raise BenchError(f"no profiler trace named {name} in {trace_dir}")
+    opener = gzip.open if traces[-1].suffix == ".gz" else open
+    with opener(traces[-1], "rt") as f:
+        events = json.load(f)["traceEvents"]
+    kernels = [e for e in events if e.get("cat") == "kernel"]
+    steps = len(step_wall_ms)
+    by_name: dict[str, list[float]] = {}
+    for k in kernels:
+        by_name.setdefault(k["name"], []).append(k.get("dur", 0.0))
+    busy_us = sum(sum(d) for d in by_name.values())
+    ranked = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))
+    return {
+        "trace": traces[-1].name, "steps": steps,
+        "step_wall_ms_median": round(_percentile(step_wall_ms, 0.5), 3),
+        "kernels_per_step": round(len(kernels) / steps, 1),
+        "gpu_busy_ms_per_step": round(busy_us / steps / 1e3, 4),
+        "top_kernels": [{"name": n[:160], "calls_per_step": round(len(d) / steps, 2),
+                         "ms_per_step": round(sum(d) / steps / 1e3, 4),
+                         "share": round(sum(d) / busy_us, 4) if busy_us else None} for n, d in ranked[:top]],
+    }
+
+
 # -- the parent: one worker per model, progress, cleanup, the result file ----------------------------
-def _run_worker(spec: BenchSpec, info: ModelInfo, tmp: Path, log, bar) -> dict:
-    """Run one model's worker; afterwards no process it started is left alive."""
+def _run_worker(spec: BenchSpec, info: ModelInfo, tmp: Path, log, bar, out_dir: Path) -> dict:
+    """Run one model's worker; afterwards no process it started is left alive. A failed run comes back with
+    its `error` and whatever it measured."""
     import psutil
 
     (tmp / "spec.json").write_text(json.dumps(asdict(spec)))
     (tmp / "info.json").write_text(json.dumps(asdict(info)))
     out = tmp / f"{info.name}.json"
     cmd = [sys.executable, "-m", "infinitevl_vllm.tools.bench", "--worker", str(tmp / "spec.json"),
-           str(tmp / "info.json"), str(out)]
+           str(tmp / "info.json"), str(out), str(out_dir)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                             env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     seen: dict[int, psutil.Process] = {}
@@ -625,8 +719,11 @@ def _run_worker(spec: BenchSpec, info: ModelInfo, tmp: Path, log, bar) -> dict:
         psutil.wait_procs(list(seen.values()), timeout=10)
     if proc.returncode != 0 or not out.is_file():
         errors = [t for t in tail if "Error" in t or "error" in t] or tail or ["no output"]
-        raise BenchError(f"{info.name}: the engine run failed (exit {proc.returncode}): {errors[-1]} "
-                         f"[full log: {log.name}]")
+        error = (f"{info.name}: the engine run failed (exit {proc.returncode}): {errors[-1]} "
+                 f"[full log: {log.name}]")
+        # what it measured before failing stays in the result
+        measured = json.loads(out.read_text()) if out.is_file() else {**asdict(info), "raw": {}}
+        return {**measured, "complete": False, "error": error}
     return json.loads(out.read_text())
 
 
@@ -701,6 +798,9 @@ def summarize(models: list[dict]) -> dict:
     """The numbers a reader compares, per model; every one is derived from the raw rows."""
     summary = {}
     for m in models:
+        if "copy_bandwidth" not in m:  # its engine never started: nothing was measured
+            summary[m["name"]] = {"kind": m["kind"], "error": m.get("error")}
+            continue
         s: dict = {"kind": m["kind"], "startup_s": round(m["startup_s"], 1),
                    "copy_bandwidth_gb_s": round(m["copy_bandwidth"]["bytes_per_s"] / 1e9, 1)}
         dvc = m["raw"].get("decode-vs-context")
@@ -727,6 +827,11 @@ def summarize(models: list[dict]) -> dict:
                 "ttft_s_first_last": [round(st[0]["ttft_s"], 3), round(st[-1]["ttft_s"], 3)],
                 "kv_cache_used_mib_first_last": [round(st[0]["kv_cache_used_bytes"] / 2**20, 1),
                                                  round(st[-1]["kv_cache_used_bytes"] / 2**20, 1)]}
+        for name, prof in m["raw"].get("profile", {}).items():
+            s.setdefault("decode_profile", {})[name] = {
+                k: prof[k] for k in ("step_wall_ms_median", "gpu_busy_ms_per_step", "kernels_per_step")}
+        if m.get("error"):
+            s["error"] = m["error"]
         summary[m["name"]] = s
     summary.update(goals(models))
     return summary
@@ -805,7 +910,27 @@ def run_bench(spec: BenchSpec, out: Path, plot: Path | None = None, note: str = 
     out.parent.mkdir(parents=True, exist_ok=True)
     log_path = out.with_suffix(".log")
     started, load_before = time.time(), os.getloadavg()
-    models = []
+    models: list[dict] = []
+
+    def write() -> dict:
+        """The result file as it stands: rewritten after every model, so a later failure loses nothing."""
+        result = {
+            "tool": "infinitevl-vllm bench",
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "wall_s": round(time.time() - started, 1),
+            "complete": len(models) == len(infos) and all(m.get("complete") for m in models),
+            "note": note,
+            "machine": {**machine_info(), "load_average_1m_before_after": [round(load_before[0], 2),
+                                                                           round(os.getloadavg()[0], 2)]},
+            "versions": versions(),
+            "settings": asdict(spec),
+            "method": __doc__.split("Workloads")[1].strip(),
+            "summary": summarize(models),
+            "models": models,
+        }
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        return result
+
     with open(log_path, "w") as log, tempfile.TemporaryDirectory() as tmp, \
             tqdm(total=sum(progress_steps(spec, i) for i in infos), desc="bench", unit="step",
                  disable=quiet) as bar:
@@ -814,25 +939,15 @@ def run_bench(spec: BenchSpec, out: Path, plot: Path | None = None, note: str = 
                 bar.write(f"bench: {info.name} skips prompts of {info.skipped_contexts} tokens (beyond its "
                           f"max_position_embeddings, {info.max_position_embeddings})")
         for info in infos:
-            models.append(_run_worker(spec, info, Path(tmp), log, bar))
-    result = {
-        "tool": "infinitevl-vllm bench",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "wall_s": round(time.time() - started, 1),
-        "note": note,
-        "machine": {**machine_info(), "load_average_1m_before_after": [round(load_before[0], 2),
-                                                                       round(os.getloadavg()[0], 2)]},
-        "versions": versions(),
-        "settings": asdict(spec),
-        "method": __doc__.split("Workloads")[1].strip(),
-        "summary": summarize(models),
-        "models": models,
-    }
-    out.write_text(json.dumps(result, indent=2) + "\n")
+            models.append(_run_worker(spec, info, Path(tmp), log, bar, out.parent))
+            result = write()
     if plot is not None:
         from .bench_plot import plot_result
 
         plot_result(result, plot)
+    failed = [m["error"] for m in models if m.get("error")]
+    if failed:
+        raise BenchError(f"{failed[0]} (what was measured is in {out})")
     return result
 
 
@@ -858,6 +973,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: vLLM's defaults (torch.compile + CUDA graphs) on CUDA, eager on CPU")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="as vLLM's (the prefill chunk)")
     p.add_argument("--max-batch", type=int, default=1024, help="the most sequences --batch max runs at once")
+    p.add_argument("--profile-context", type=parse_tokens, default=None, metavar="TOKENS",
+                   help=f"CUDA: profile InfiniteVL's decode step (torch profiler, {PROFILE_STEPS} steps) at batch 1 "
+                        "and at the largest throughput batch after prompts of this length (traces beside --out)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="result JSON (the engine logs go beside it, .log)")
     p.add_argument("--plot", type=Path, default=None, help="PNG of the curves (needs matplotlib)")
@@ -873,7 +991,7 @@ def spec_from_args(a: argparse.Namespace) -> BenchSpec:
                      gen_tokens=a.gen_tokens, kv_cache_gib=a.kv_cache_gib, dtype=a.dtype,
                      enforce_eager={"auto": None, "on": False, "off": True}[a.compile],
                      max_num_batched_tokens=a.max_num_batched_tokens, seed=a.seed, max_batch=a.max_batch,
-                     session_frames=a.session_frames)
+                     session_frames=a.session_frames, profile_context=a.profile_context)
 
 
 def main(argv: list[str]) -> int:
@@ -890,6 +1008,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "--worker":
+    if len(sys.argv) == 6 and sys.argv[1] == "--worker":
         sys.exit(worker_main(*sys.argv[2:]))
     sys.exit(main(sys.argv[1:]))
