@@ -129,10 +129,11 @@ def test_missing_checkpoint_is_one_line(tiny_ckpt, tmp_path, capsys):
 def test_a_transformer_skips_contexts_beyond_its_positions_and_refuses_when_none_fit(tiny_ckpt, twin_ckpt, tmp_path,
                                                                                       capsys):
     spec = BenchSpec(models=[str(tiny_ckpt), str(twin_ckpt)], workloads=["decode-vs-context"],
-                     contexts=[1024, 204800], kv_cache_gib=64)
+                     contexts=[1024, 131072, 204800], kv_cache_gib=64)
     ours, twin = check_spec(spec)
-    assert (ours.contexts, ours.skipped_contexts) == ([1024, 204800], [])
-    assert (twin.contexts, twin.skipped_contexts) == ([1024], [204800])
+    assert (ours.contexts, ours.skipped_contexts) == ([1024, 131072, 204800], [])
+    # "128K" is the longest prompt its 128,000 positions hold with 32 tokens to generate (and 16 spare)
+    assert (twin.contexts, twin.skipped_contexts) == ([1024, 128000 - 32 - 16], [204800])
     assert cli(["bench", "--models", str(tiny_ckpt), str(twin_ckpt), "--workload", "decode-vs-context",
                 "--contexts", "200k,300k", "--kv-cache-gib", "64", "--out", str(tmp_path / "r.json")]) == 2
     assert one_error_line(capsys).endswith("a 204800-token prompt plus 32 generated tokens exceeds its "
@@ -255,6 +256,7 @@ def test_small_run_of_every_workload_writes_every_result_and_names_the_model_tha
     ours, twin, failed = result["models"]
     assert result["complete"] is False and ours["complete"] and twin["complete"] and not failed["complete"]
     assert failed["raw"] == {} and result["summary"]["broken-twin"]["error"] == failed["error"]
+    assert not list(tmp_path.glob("*.partial.json"))  # each model's running record went into the result
     assert (ours["kind"], twin["kind"]) == ("infinitevl", "transformer")
     assert twin["architecture"] == "Qwen2_5_VLForConditionalGeneration"
     for m in (ours, twin):

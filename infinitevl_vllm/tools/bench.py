@@ -224,16 +224,19 @@ def check_spec(spec: BenchSpec) -> list[ModelInfo]:
     infos = [describe_model(m) for m in spec.models]
     budget = spec.kv_cache_gib * 2**30
     for info in infos:
-        # a Transformer runs the prompt lengths its positions hold (InfiniteVL has no length limit)
-        def fits(c: int, info: ModelInfo = info) -> bool:
-            return info.kind != "transformer" or c + spec.gen_tokens + 16 <= info.max_position_embeddings
+        # a Transformer runs the prompt lengths its positions hold (InfiniteVL has no length limit); one asked
+        # for just past them runs at the longest that fits (Qwen2.5-VL's "128K" is 128,000 positions)
+        most = info.max_position_embeddings - spec.gen_tokens - 16 if info.kind == "transformer" else None
+
+        def runs_as(c: int, most: int | None = most) -> int | None:
+            return c if most is None or c <= most else most if most >= 0.9 * c else None
 
         for workload, asked, kept in (("decode-vs-context", spec.contexts, info.contexts),
                                       ("throughput", spec.throughput_contexts, info.throughput_contexts)):
             if workload not in spec.workloads:
                 continue
-            kept += [c for c in asked if fits(c)]
-            info.skipped_contexts += [c for c in asked if not fits(c) and c not in info.skipped_contexts]
+            kept += [runs_as(c) for c in asked if runs_as(c) is not None]
+            info.skipped_contexts += [c for c in asked if runs_as(c) is None and c not in info.skipped_contexts]
             if not kept:
                 raise BenchError(f"{info.name}: a {min(asked)}-token prompt plus {spec.gen_tokens} generated tokens "
                                  f"exceeds its max_position_embeddings ({info.max_position_embeddings})")
@@ -550,6 +553,16 @@ class Worker:
         appends, answers = [], []
         self.stats.clear()
         self.memory.reset()
+        budget = self.spec.kv_cache_gib * 2**30
+
+        def record() -> None:  # every 100 frames too: a long stream that breaks keeps what it sustained
+            self.raw["session"] = {
+                "frames": len(appends), "fps": len(appends) / sum(appends),
+                "append_ms_p50": 1e3 * _percentile(appends, 0.5), "append_ms_p90": 1e3 * _percentile(appends, 0.9),
+                "append_ms_max": 1e3 * max(appends), "questions": answers,
+                "kv_cache_used_bytes": int(self.stats.kv_usage * budget), **self.memory.peaks()}
+            self.save()
+
         with StreamSession(_EngineAsLLM(self.engine)) as session:
             for k in range(1, n + 1):
                 rng = np.random.default_rng(self.spec.seed * 7919 + k)
@@ -562,13 +575,9 @@ class Worker:
                     out = session.ask("What is happening now?", self.sampling)
                     answers.append({"frames": k, "answer_s": time.perf_counter() - t0,
                                     "output_tokens": len(out.outputs[0].token_ids), **session.info()})
+                if k % 100 == 0 or k == n:
+                    record()
                 _emit({"event": "measured", "workload": "session", "frames": k})
-        budget = self.spec.kv_cache_gib * 2**30
-        self.raw["session"] = {
-            "frames": n, "fps": n / sum(appends), "append_ms_p50": 1e3 * _percentile(appends, 0.5),
-            "append_ms_p90": 1e3 * _percentile(appends, 0.9), "append_ms_max": 1e3 * max(appends),
-            "questions": answers, "kv_cache_used_bytes": int(self.stats.kv_usage * budget), **self.memory.peaks()}
-        self.save()
 
     def profile(self) -> None:
         """The served decode step under the torch profiler, at batch 1 and at the largest batch the throughput
@@ -626,11 +635,10 @@ def worker_main(spec_file: str, info_file: str, out_file: str, results_dir: str)
     w.save = save
     try:
         for name, run in (("decode-vs-context", w.decode_vs_context), ("throughput", w.throughput),
-                          ("streaming", w.streaming), ("session", w.session)):
-            if name in spec.workloads and (name != "session" or info.kind == "infinitevl"):
+                          ("streaming", w.streaming), ("profile", w.profile), ("session", w.session)):
+            if name == "profile" and w.profile_dir is not None or (
+                    name in spec.workloads and (name != "session" or info.kind == "infinitevl")):
                 run()
-        if w.profile_dir is not None:
-            w.profile()
         save(complete=True)
     finally:
         w.close()
@@ -667,16 +675,18 @@ def kernel_profile(trace_dir: Path, name: str, step_wall_ms: list[float], top: i
 
 
 # -- the parent: one worker per model, progress, cleanup, the result file ----------------------------
-def _run_worker(spec: BenchSpec, info: ModelInfo, tmp: Path, log, bar, out_dir: Path) -> dict:
+def _run_worker(spec: BenchSpec, info: ModelInfo, tmp: Path, log, bar, result: Path) -> dict:
     """Run one model's worker; afterwards no process it started is left alive. A failed run comes back with
-    its `error` and whatever it measured."""
+    its `error` and whatever it measured. Until the model is done its measurements so far are in
+    `<result>.<model>.partial.json`, which outlives a killed harness."""
     import psutil
 
     (tmp / "spec.json").write_text(json.dumps(asdict(spec)))
     (tmp / "info.json").write_text(json.dumps(asdict(info)))
-    out = tmp / f"{info.name}.json"
+    out = result.with_suffix(f".{info.name.replace('/', '_')}.partial.json")
+    out.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "infinitevl_vllm.tools.bench", "--worker", str(tmp / "spec.json"),
-           str(tmp / "info.json"), str(out), str(out_dir)]
+           str(tmp / "info.json"), str(out), str(result.parent)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                             env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     seen: dict[int, psutil.Process] = {}
@@ -717,14 +727,14 @@ def _run_worker(spec: BenchSpec, info: ModelInfo, tmp: Path, log, bar, out_dir: 
             except psutil.Error:
                 pass
         psutil.wait_procs(list(seen.values()), timeout=10)
-    if proc.returncode != 0 or not out.is_file():
+    measured = json.loads(out.read_text()) if out.is_file() else {**asdict(info), "raw": {}}
+    out.unlink(missing_ok=True)  # from here on it lives in the result file
+    if proc.returncode != 0 or not measured.get("complete"):
         errors = [t for t in tail if "Error" in t or "error" in t] or tail or ["no output"]
-        error = (f"{info.name}: the engine run failed (exit {proc.returncode}): {errors[-1]} "
-                 f"[full log: {log.name}]")
-        # what it measured before failing stays in the result
-        measured = json.loads(out.read_text()) if out.is_file() else {**asdict(info), "raw": {}}
-        return {**measured, "complete": False, "error": error}
-    return json.loads(out.read_text())
+        return {**measured, "complete": False,
+                "error": f"{info.name}: the engine run failed (exit {proc.returncode}): {errors[-1]} "
+                         f"[full log: {log.name}]"}
+    return measured
 
 
 def machine_info() -> dict:
@@ -939,7 +949,7 @@ def run_bench(spec: BenchSpec, out: Path, plot: Path | None = None, note: str = 
                 bar.write(f"bench: {info.name} skips prompts of {info.skipped_contexts} tokens (beyond its "
                           f"max_position_embeddings, {info.max_position_embeddings})")
         for info in infos:
-            models.append(_run_worker(spec, info, Path(tmp), log, bar, out.parent))
+            models.append(_run_worker(spec, info, Path(tmp), log, bar, out))
             result = write()
     if plot is not None:
         from .bench_plot import plot_result
