@@ -33,6 +33,7 @@ def _engine_config_rules():
                 cache.enable_prefix_caching = False
             _fix_state_block_size(vllm_config)
             _default_cpu_state_budget(vllm_config)
+            _max_num_seqs_within_budget(vllm_config)
             _use_v1_model_runner()
             _sessions_worker_extension(vllm_config)
 
@@ -113,6 +114,31 @@ def _default_cpu_state_budget(vllm_config) -> None:
     cache.kv_cache_memory_bytes = budget
     logger.info("InfiniteVL: state cache budget %.2f GiB (%.1f MiB per sequence); set VLLM_CPU_KVCACHE_SPACE "
                 "to override", budget / 2**30, per_seq / 2**20)
+
+
+def _max_num_seqs_within_budget(vllm_config) -> None:
+    """With a fixed state budget (kv_cache_memory_bytes) at most budget // per-sequence state sequences can run
+    at once, whatever their lengths; vLLM's CUDA-graph capture refuses a max_num_seqs above the state slots
+    there are, so lower it to what fits (and say so)."""
+    from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
+
+    from .model.state_size import allocated_sequence_bytes
+
+    cache, sched, model = vllm_config.cache_config, vllm_config.scheduler_config, vllm_config.model_config
+    if cache.kv_cache_memory_bytes is None:
+        return
+    per_seq = allocated_sequence_bytes(model.hf_config.text_config, cache.block_size,
+                                       kv_cache_dtype_str_to_dtype(cache.cache_dtype, model),
+                                       vllm_config.parallel_config.tensor_parallel_size)
+    fits = cache.kv_cache_memory_bytes // per_seq
+    if fits < 1:
+        raise ValueError(f"InfiniteVL: kv_cache_memory_bytes={cache.kv_cache_memory_bytes} holds no sequence; "
+                         f"one sequence's state takes {per_seq} bytes ({per_seq / 2**20:.1f} MiB)")
+    if sched.max_num_seqs > fits:
+        logger.warning("InfiniteVL: max_num_seqs lowered from %d to %d, the sequences whose state fits "
+                       "kv_cache_memory_bytes (%.1f MiB each, at any length)", sched.max_num_seqs, fits,
+                       per_seq / 2**20)
+        sched.max_num_seqs = fits
 
 
 def _sessions_worker_extension(vllm_config) -> None:

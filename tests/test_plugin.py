@@ -65,3 +65,21 @@ def test_local_files_refused_without_allowed_path(tmp_path):
         MediaConnector().load_from_url(f"file://{tmp_path}/a.png", ImageMediaIO())
     assert MediaConnector(allowed_local_media_path=str(tmp_path)).load_from_url(
         f"file://{tmp_path}/a.png", ImageMediaIO()).media.size == (8, 8)
+
+
+def test_max_num_seqs_is_lowered_to_the_sequences_a_fixed_budget_holds(tiny_ckpt):
+    """A sequence's state is the same at any length, so a fixed budget bounds the batch; vLLM's CUDA-graph
+    capture would refuse a larger max_num_seqs. A budget that holds no sequence is named."""
+    from vllm import EngineArgs
+    from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
+
+    from infinitevl_vllm.checkpoint import load_config
+    from infinitevl_vllm.model.state_size import STATE_BLOCK_SIZE_KEY, allocated_sequence_bytes
+
+    config = EngineArgs(model=str(tiny_ckpt), max_num_seqs=256, kv_cache_memory_bytes=40 << 20).create_engine_config()
+    dtype = kv_cache_dtype_str_to_dtype(config.cache_config.cache_dtype, config.model_config)
+    per_seq = allocated_sequence_bytes(load_config(tiny_ckpt).text_config,
+                                       config.additional_config[STATE_BLOCK_SIZE_KEY], dtype)
+    assert config.scheduler_config.max_num_seqs == (40 << 20) // per_seq < 256
+    with pytest.raises(ValueError, match=r"kv_cache_memory_bytes=1048576 holds no sequence; one sequence's state"):
+        EngineArgs(model=str(tiny_ckpt), kv_cache_memory_bytes=1 << 20).create_engine_config()

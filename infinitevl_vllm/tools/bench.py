@@ -8,11 +8,13 @@ Workloads (one engine per model runs all that are asked for):
 
 - ``decode-vs-context``: one request at a time, a prompt of C random token ids for each context C,
   greedy decoding of ``--gen-tokens`` tokens: time to first token, inter-token latency (the gaps
-  between successive tokens as the engine hands them out), peak memory.
+  between successive tokens as the engine core stamps them: vLLM's own ITL metric), peak memory.
 - ``throughput``: B such requests at once for each batch size B (and each ``--throughput-contexts``
-  length): output tokens/s (prefill included), decode tokens/s once all B are decoding, preemptions,
-  and the largest batch that fits: how many such sequences the KV budget holds at once, from the
-  engine's block accounting of the batch-1 run (1 / its peak KV-cache usage).
+  length), decoding together: the requests decode on until the last has its first token (long prompts
+  prefill a chunk a step), then the engine core's token gaps over ``--gen-tokens`` steps give the decode
+  tokens/s of B sequences of that length, and all are aborted. Also preemptions, and the largest batch
+  that fits: how many such sequences the KV budget holds at once, from the engine's block accounting of
+  the batch-1 run (1 / its peak KV-cache usage).
 - ``streaming``: a video stream as a chat client sends it: step k sends one user turn holding frames
   1..k (448x448 images) and a question and decodes ``--gen-tokens`` tokens; latency and memory per step
   as the stream grows. vLLM serves each step as a new request (prefix caching is off for every model,
@@ -189,8 +191,14 @@ def longest_prompt(spec: BenchSpec, info: ModelInfo) -> int:
     return max(lengths)
 
 
+STEADY_HEADROOM = 1 << 16  # tokens InfiniteVL's first sequences may decode while the last ones prefill
+
+
 def max_model_len(spec: BenchSpec, info: ModelInfo) -> int:
-    return longest_prompt(spec, info) + spec.gen_tokens + 16
+    """The longest prompt and its generated tokens; for InfiniteVL (no positions limit, no KV growth) also room
+    for a steady throughput run's early sequences to decode on while the rest prefill."""
+    steady = STEADY_HEADROOM if info.kind == "infinitevl" and "throughput" in spec.workloads else 0
+    return longest_prompt(spec, info) + spec.gen_tokens + 16 + steady
 
 
 def check_spec(spec: BenchSpec) -> list[ModelInfo]:
@@ -349,6 +357,7 @@ class _EngineStats:
         self.kv_usage = 0.0
         self.max_running = 0
         self.preempted = 0
+        self.itls: list[float] = []  # seconds between a sequence's tokens, stamped by the engine core
 
     def factory(self):
         from vllm.v1.metrics.loggers import StatLoggerBase
@@ -365,6 +374,7 @@ class _EngineStats:
                     stats.max_running = max(stats.max_running, scheduler_stats.num_running_reqs)
                 if iteration_stats is not None:
                     stats.preempted += iteration_stats.num_preempted_reqs
+                    stats.itls += iteration_stats.inter_token_latencies_iter
 
             def log_engine_initialized(self):
                 pass
@@ -388,6 +398,7 @@ class Worker:
         self.stats = _EngineStats()
         import torch
         from vllm import EngineArgs, SamplingParams
+        from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.llm_engine import LLMEngine
 
         from .byte_floor import copy_bandwidth, engine_step_bytes
@@ -414,13 +425,19 @@ class Worker:
             args.profiler_config = ProfilerConfig(profiler="torch", torch_profiler_dir=str(self.profile_dir),
                                                   torch_profiler_with_stack=False)
         t0 = time.perf_counter()
-        self.engine = LLMEngine.from_engine_args(args, stat_loggers=[self.stats.factory()])
+        # vLLM's defaults for offline use (`vllm.LLM`: on an H100/H200 a 16,384-token prefill chunk and up to 1,024
+        # sequences), not the bare engine's (2,048-token chunks)
+        self.engine = LLMEngine.from_engine_args(args, usage_context=UsageContext.LLM_CLASS,
+                                                 stat_loggers=[self.stats.factory()])
         self.startup_s = time.perf_counter() - t0
         self.kv_blocks = self.engine.vllm_config.cache_config.num_gpu_blocks
         config = self.engine.vllm_config
         self.settings = {"dtype": str(config.model_config.dtype).removeprefix("torch."), "enforce_eager": eager,
                          "compilation_mode": str(config.compilation_config.mode),
-                         "cudagraph_mode": str(config.compilation_config.cudagraph_mode)}
+                         "cudagraph_mode": str(config.compilation_config.cudagraph_mode),
+                         "max_num_batched_tokens": config.scheduler_config.max_num_batched_tokens,
+                         "max_num_seqs": config.scheduler_config.max_num_seqs,
+                         "max_model_len": config.model_config.max_model_len}
         try:
             self.step_bytes = asdict(engine_step_bytes(self.engine.vllm_config, info.path, info.kv_bytes_per_token))
         except ValueError:  # a Transformer whose KV layout we do not know: measured, without a floor
@@ -436,42 +453,62 @@ class Worker:
         g = torch.Generator().manual_seed(self.spec.seed * 1_000_003 + n * 7919 + salt)
         return {"prompt_token_ids": torch.randint(1000, 150000, (n,), generator=g).tolist()}
 
-    def _run(self, prompts: list, profile: str | None = None) -> dict:
-        """Submit prompts together, step the engine to the end, time every token as it comes out.
-        With `profile` (a name), the torch profiler records PROFILE_STEPS decode steps once all are decoding."""
+    def _run(self, prompts: list, profile: str | None = None, steady: bool = False) -> dict:
+        """Submit prompts together and step the engine. Times to first token are as this process sees them;
+        inter-token latencies are the engine core's (vLLM's own ITL metric): the first output of a long prompt
+        costs this process time in proportion to the prompt, while the core decodes on, so gaps seen here
+        bunch up and would flatter the engine.
+
+        steady: the decode rate of all the sequences decoding together. Requests decode until the last one has
+        its first token (long prompts are prefilled a chunk a step, so the first ones start early); the core's
+        gaps over the next `gen_tokens` steps give the rate, then all are aborted.
+        profile (a name): the torch profiler records PROFILE_STEPS decode steps once all are decoding."""
         self.stats.clear()
         self.memory.reset()
+        params = self.sampling
+        if steady:
+            longest = max(len(p["prompt_token_ids"]) for p in prompts)
+            params = self.sampling.clone()
+            params.max_tokens = params.min_tokens = max(
+                self.spec.gen_tokens, self.engine.vllm_config.model_config.max_model_len - longest - 1)
         t0 = time.perf_counter()
-        for i, p in enumerate(prompts):
-            self.engine.add_request(f"bench-{time.monotonic_ns()}-{i}", p, self.sampling)
+        ids = [f"bench-{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
+        for rid, p in zip(ids, prompts):
+            self.engine.add_request(rid, p, params)
         times: dict[str, list[float]] = {}
         prompt_tokens: dict[str, int] = {}
         profiled: list[float] = []  # wall time of each profiled step
+        window = None  # client steps since all were decoding (steady)
         while self.engine.has_unfinished_requests():
-            decoding = profile is not None and len(times) == len(prompts)
-            if decoding and not profiled:
+            decoding = len(times) == len(prompts)
+            if decoding and profile is not None and not profiled:
                 self.engine.start_profile(profile)
+            if decoding and steady and window is None:
+                window = 0
+                self.stats.itls.clear()  # from here on every sequence is decoding
             t_step = time.perf_counter()
             outs = self.engine.step()
             now = time.perf_counter() - t0
-            if decoding and len(profiled) < PROFILE_STEPS:
-                profiled.append(time.perf_counter() - t_step)
+            if decoding and profile is not None and len(profiled) < PROFILE_STEPS:
+                profiled.append(now + t0 - t_step)
                 if len(profiled) == PROFILE_STEPS:
                     self.engine.stop_profile()
             for o in outs:
                 got = times.setdefault(o.request_id, [])
                 prompt_tokens[o.request_id] = len(o.prompt_token_ids or [])
                 got.extend([now] * (len(o.outputs[0].token_ids) - len(got)))
+            if window is not None:
+                window += 1
+                if window == self.spec.gen_tokens:
+                    self.engine.abort_request(ids)
         if profile is not None:
             if len(profiled) < PROFILE_STEPS:
                 raise BenchError(f"--gen-tokens {self.spec.gen_tokens} leaves fewer than {PROFILE_STEPS} decode "
                                  "steps to profile")
             return {"step_wall_ms": [round(1e3 * t, 3) for t in profiled]}
         wall = time.perf_counter() - t0
-        gaps = [b - a for ts in times.values() for a, b in zip(ts, ts[1:])]
+        itls = self.stats.itls
         first = [ts[0] for ts in times.values()]
-        all_decoding = max(first)
-        late = sum(1 for ts in times.values() for t in ts if t > all_decoding)
         budget = self.spec.kv_cache_gib * 2**30
         return {
             "requests": len(prompts),
@@ -479,12 +516,13 @@ class Worker:
             "output_tokens": sum(len(ts) for ts in times.values()),
             "wall_s": wall,
             "ttft_s": sum(first) / len(first),
-            "ttft_max_s": all_decoding,
-            "itl_ms_mean": 1e3 * sum(gaps) / len(gaps),
-            "itl_ms_p50": 1e3 * _percentile(gaps, 0.5),
-            "itl_ms_p90": 1e3 * _percentile(gaps, 0.9),
+            "ttft_max_s": max(first),
+            "itl_ms_mean": 1e3 * sum(itls) / len(itls),
+            "itl_ms_p50": 1e3 * _percentile(itls, 0.5),
+            "itl_ms_p90": 1e3 * _percentile(itls, 0.9),
             "output_tokens_per_s": sum(len(ts) for ts in times.values()) / wall,
-            "decode_tokens_per_s": late / (wall - all_decoding) if wall > all_decoding else None,
+            # every step of the timed stretch gives each sequence one token
+            "decode_tokens_per_s": len(prompts) * len(itls) / sum(itls) if window is not None or not steady else None,
             "kv_cache_usage_peak": self.stats.kv_usage,
             "kv_cache_used_bytes": int(self.stats.kv_usage * budget),
             "max_running": self.stats.max_running,
@@ -512,10 +550,9 @@ class Worker:
                 if largest:  # what the batch-1 run (always run first, see throughput_batches) says fits
                     usage = max(alone["kv_cache_usage_peak"], 1 / self.spec.max_batch)
                     b = min(largest_batch_that_fits(usage), self.spec.max_batch)
-                r = self._run([self._ids(c, 1 + i) for i in range(b)])
+                r = self._run([self._ids(c, 1 + i) for i in range(b)], steady=True)
                 alone = r if b == 1 and alone is None else alone
-                # False also when early requests finished before the last were admitted (long prefills)
-                r["all_concurrent"] = r["max_running"] == b
+                r["all_concurrent"] = r["max_running"] == b and r["decode_tokens_per_s"] is not None
                 rows.append({"context": c, "batch": b, "largest_that_fits": largest, **r})
                 self.save()
                 _emit({"event": "measured", "workload": "throughput", "context": c, "batch": b})
@@ -587,7 +624,7 @@ class Worker:
         profiles = self.raw.setdefault("profile", {})
         for batch in sorted({1, largest}):
             name = f"decode-b{batch}-c{c}"
-            walls = self._run([self._ids(c, 100 + i) for i in range(batch)], profile=name)["step_wall_ms"]
+            walls = self._run([self._ids(c, 100 + i) for i in range(batch)], profile=name, steady=True)["step_wall_ms"]
             profiles[name] = {"batch": batch, "context": c, **kernel_profile(self.profile_dir, name, walls)}
             self.save()
             _emit({"event": "measured", "workload": "profile", "batch": batch})
@@ -821,9 +858,10 @@ def summarize(models: list[dict]) -> dict:
         if tp:
             per = {}
             for r in tp:
-                d = per.setdefault(str(r["context"]), {"tokens_per_s": {}, "floor_decode_tokens_per_s": {},
+                d = per.setdefault(str(r["context"]), {"decode_tokens_per_s": {}, "floor_decode_tokens_per_s": {},
                                                        "largest_batch_that_fits": None})
-                d["tokens_per_s"][str(r["batch"])] = round(r["output_tokens_per_s"], 1)
+                d["decode_tokens_per_s"][str(r["batch"])] = r["decode_tokens_per_s"] and round(
+                    r["decode_tokens_per_s"], 1)
                 d["floor_decode_tokens_per_s"][str(r["batch"])] = _over(1e3 * r["batch"],
                                                                         floor_ms(m, r["batch"], r["context"]), 1)
                 if r["batch"] == 1 and r["kv_cache_usage_peak"] > 0:

@@ -29,7 +29,7 @@ def _panels(result: dict) -> list[tuple[str, str, str, str, object]]:
                  ("decode-vs-context", "context", "peak RSS, engine tree (GiB)", "context (tokens)",
                   lambda r: r["peak_rss_bytes"] / gib)]
     if "throughput" in workloads:
-        rows += [("throughput", "batch", "output tokens/s", "batch", lambda r: r["output_tokens_per_s"]),
+        rows += [("throughput", "batch", "decode tokens/s", "batch", lambda r: r["decode_tokens_per_s"] or 0),
                  ("throughput", "batch", "KV cache in use (MiB)", "batch", lambda r: r["kv_cache_used_bytes"] / mib)]
     if "streaming" in workloads:
         rows += [("streaming", "frames", "median inter-token latency (ms)", "frames in the stream",
