@@ -465,7 +465,7 @@ class Worker:
         profile (a name): the torch profiler records PROFILE_STEPS decode steps once all are decoding."""
         self.stats.clear()
         self.memory.reset()
-        params = self.sampling
+        params, timed = self.sampling, steady
         if steady:
             longest = max(len(p["prompt_token_ids"]) for p in prompts)
             params = self.sampling.clone()
@@ -479,8 +479,9 @@ class Worker:
         prompt_tokens: dict[str, int] = {}
         profiled: list[float] = []  # wall time of each profiled step
         window = None  # client steps since all were decoding (steady)
+        finished = 0
         while self.engine.has_unfinished_requests():
-            decoding = len(times) == len(prompts)
+            decoding = len(times) == len(prompts) and not finished  # every sequence has a token, none is done
             if decoding and profile is not None and not profiled:
                 self.engine.start_profile(profile)
             if decoding and steady and window is None:
@@ -494,6 +495,7 @@ class Worker:
                 if len(profiled) == PROFILE_STEPS:
                     self.engine.stop_profile()
             for o in outs:
+                finished += o.finished
                 got = times.setdefault(o.request_id, [])
                 prompt_tokens[o.request_id] = len(o.prompt_token_ids or [])
                 got.extend([now] * (len(o.outputs[0].token_ids) - len(got)))
@@ -501,6 +503,9 @@ class Worker:
                 window += 1
                 if window == self.spec.gen_tokens:
                     self.engine.abort_request(ids)
+            elif steady and self.stats.preempted:  # they do not all fit at once: no steady rate to measure
+                self.engine.abort_request(ids)
+                steady = False
         if profile is not None:
             if len(profiled) < PROFILE_STEPS:
                 raise BenchError(f"--gen-tokens {self.spec.gen_tokens} leaves fewer than {PROFILE_STEPS} decode "
@@ -522,7 +527,7 @@ class Worker:
             "itl_ms_p90": 1e3 * _percentile(itls, 0.9),
             "output_tokens_per_s": sum(len(ts) for ts in times.values()) / wall,
             # every step of the timed stretch gives each sequence one token
-            "decode_tokens_per_s": len(prompts) * len(itls) / sum(itls) if window is not None or not steady else None,
+            "decode_tokens_per_s": len(prompts) * len(itls) / sum(itls) if window is not None or not timed else None,
             "kv_cache_usage_peak": self.stats.kv_usage,
             "kv_cache_used_bytes": int(self.stats.kv_usage * budget),
             "max_running": self.stats.max_running,
@@ -552,7 +557,8 @@ class Worker:
                     b = min(largest_batch_that_fits(usage), self.spec.max_batch)
                 r = self._run([self._ids(c, 1 + i) for i in range(b)], steady=True)
                 alone = r if b == 1 and alone is None else alone
-                r["all_concurrent"] = r["max_running"] == b and r["decode_tokens_per_s"] is not None
+                r["all_concurrent"] = (r["max_running"] == b and r["decode_tokens_per_s"] is not None
+                                       and not r["preempted"])
                 rows.append({"context": c, "batch": b, "largest_that_fits": largest, **r})
                 self.save()
                 _emit({"event": "measured", "workload": "throughput", "context": c, "batch": b})
