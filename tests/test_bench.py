@@ -241,6 +241,37 @@ def test_a_batch_that_cannot_decode_together_gets_no_decode_rate(twin_ckpt, tmp_
     assert result["summary"]["qwen2_5_vl-tiny"]["throughput"]["4096"]["decode_tokens_per_s"] == {"3": None}
 
 
+@pytest.mark.parametrize("signal_name, status", [("terminate", 143), ("kill", -9)])
+def test_a_killed_worker_leaves_no_process_behind_and_its_measurements_in_the_result(tiny_ckpt, tmp_path,
+                                                                                     signal_name, status):
+    """SIGTERM or SIGKILL on a model's worker while its engine runs: the worker stops its engine core on the way
+    out (SIGTERM) or the harness does (SIGKILL); the harness names the failure and keeps what was measured."""
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "r.json"
+    proc = subprocess.Popen([sys.executable, "-m", "infinitevl_vllm", "bench", "--models", str(tiny_ckpt),
+                             "--workload", "decode-vs-context", "--contexts", ",".join(["64"] * 12),
+                             "--gen-tokens", "200", "--quiet", "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    partial = out.with_suffix(f".{tiny_ckpt.name}.partial.json")
+    deadline = time.time() + 240
+    while not partial.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    assert partial.exists(), "the engine never measured anything"
+    (worker,) = [p for p in psutil.Process(proc.pid).children() if "--worker" in p.cmdline()]
+    engine = worker.children(recursive=True)
+    assert engine
+    getattr(worker, signal_name)()
+    assert proc.wait(timeout=120) == 2
+    assert f"the engine run failed (exit {status})" in proc.stderr.read()
+    gone, alive = psutil.wait_procs(engine, timeout=30)
+    assert alive == [], [p.pid for p in alive]
+    (model,) = json.loads(out.read_text())["models"]
+    assert model["complete"] is False and model["raw"]["decode-vs-context"]
+
+
 # -- a small run of every workload ------------------------------------------------------------------
 def test_small_run_of_every_workload_writes_every_result_and_names_the_model_that_failed(tiny_ckpt, twin_ckpt,
                                                                                           tmp_path):

@@ -664,6 +664,7 @@ class _EngineAsLLM:
 def worker_main(spec_file: str, info_file: str, out_file: str, results_dir: str) -> int:
     """Entry of the per-model subprocess: the result file is rewritten after every measurement, so a crash
     keeps everything measured before it (`complete` says whether the run finished)."""
+    exit_cleanly_on_sigterm()
     spec = BenchSpec(**json.loads(Path(spec_file).read_text()))
     info = ModelInfo(**json.loads(Path(info_file).read_text()))
     w = Worker(spec, info, results_dir)
@@ -744,6 +745,12 @@ def _run_worker(spec: BenchSpec, info: ModelInfo, tmp: Path, log, bar, result: P
             except psutil.Error:
                 pass
             time.sleep(0.5)
+        # a worker killed outright leaves its engine core holding the GPU, and our pipe open
+        for p in seen.values():
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
@@ -1048,9 +1055,18 @@ def spec_from_args(a: argparse.Namespace) -> BenchSpec:
                      session_frames=a.session_frames, profile_context=a.profile_context)
 
 
+def exit_cleanly_on_sigterm() -> None:
+    """A terminated harness or worker unwinds like an interrupted one, so its `finally` blocks stop the engine
+    and every process it started (by default SIGTERM ends Python at once and orphans the engine core)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def main(argv: list[str]) -> int:
     """``infinitevl-vllm bench``: returns the exit status; argument errors are one line on stderr."""
     a = build_parser().parse_args(argv)
+    exit_cleanly_on_sigterm()
     try:
         result = run_bench(spec_from_args(a), a.out, a.plot, note=a.note, quiet=a.quiet)
     except BenchError as e:
