@@ -479,8 +479,11 @@ class Worker:
         prompt_tokens: dict[str, int] = {}
         profiled: list[float] = []  # wall time of each profiled step
         window = None  # client steps since all were decoding (steady)
-        finished = 0
+        finished = steps = 0
+        chunk = self.engine.vllm_config.scheduler_config.max_num_batched_tokens
+        patience = 2 * math.ceil(sum(len(p.get("prompt_token_ids", ())) for p in prompts) / chunk) + 64
         while self.engine.has_unfinished_requests():
+            steps += 1
             decoding = len(times) == len(prompts) and not finished  # every sequence has a token, none is done
             if decoding and profile is not None and not profiled:
                 self.engine.start_profile(profile)
@@ -503,7 +506,9 @@ class Worker:
                 window += 1
                 if window == self.spec.gen_tokens:
                     self.engine.abort_request(ids)
-            elif steady and self.stats.preempted:  # they do not all fit at once: no steady rate to measure
+            elif steady and (self.stats.preempted or steps > patience):
+                # they do not all fit at once (a preemption, or still not all decoding long after their prompts
+                # could have been prefilled): there is no steady rate of all of them to measure
                 self.engine.abort_request(ids)
                 steady = False
         if profile is not None:
