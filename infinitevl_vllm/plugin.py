@@ -96,19 +96,15 @@ def _default_cpu_state_budget(vllm_config) -> None:
 
     import psutil
     from vllm.platforms import current_platform
-    from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
 
-    from .model.state_size import allocated_sequence_bytes
+    from .model.state_manager import StatePool
 
     cache = vllm_config.cache_config
     if not current_platform.is_cpu() or cache.kv_cache_memory_bytes is not None:
         return
     if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
         return
-    model = vllm_config.model_config
-    cfg = model.hf_config.text_config
-    per_seq = allocated_sequence_bytes(cfg, cache.block_size, kv_cache_dtype_str_to_dtype(cache.cache_dtype, model),
-                                       vllm_config.parallel_config.tensor_parallel_size)
+    per_seq = StatePool.from_vllm_config(vllm_config).bytes_per_sequence
     want = per_seq * vllm_config.scheduler_config.max_num_seqs + (64 << 20)
     budget = int(min(max(want, 1 << 30), psutil.virtual_memory().total // 4))
     cache.kv_cache_memory_bytes = budget
@@ -120,16 +116,12 @@ def _max_num_seqs_within_budget(vllm_config) -> None:
     """With a fixed state budget (kv_cache_memory_bytes) at most budget // per-sequence state sequences can run
     at once, whatever their lengths; vLLM's CUDA-graph capture refuses a max_num_seqs above the state slots
     there are, so lower it to what fits (and say so)."""
-    from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
+    from .model.state_manager import StatePool
 
-    from .model.state_size import allocated_sequence_bytes
-
-    cache, sched, model = vllm_config.cache_config, vllm_config.scheduler_config, vllm_config.model_config
+    cache, sched = vllm_config.cache_config, vllm_config.scheduler_config
     if cache.kv_cache_memory_bytes is None:
         return
-    per_seq = allocated_sequence_bytes(model.hf_config.text_config, cache.block_size,
-                                       kv_cache_dtype_str_to_dtype(cache.cache_dtype, model),
-                                       vllm_config.parallel_config.tensor_parallel_size)
+    per_seq = StatePool.from_vllm_config(vllm_config).bytes_per_sequence
     fits = cache.kv_cache_memory_bytes // per_seq
     if fits < 1:
         raise ValueError(f"InfiniteVL: kv_cache_memory_bytes={cache.kv_cache_memory_bytes} holds no sequence; "
