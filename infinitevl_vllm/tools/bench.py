@@ -390,10 +390,9 @@ def _percentile(xs: list[float], q: float) -> float:
 class Worker:
     """Runs every requested workload of one model in one engine and returns the raw measurements."""
 
-    def __init__(self, spec: BenchSpec, info: ModelInfo, out_dir: str):
-        self.spec, self.info = spec, info
+    def __init__(self, spec: BenchSpec, info: ModelInfo, out_file: Path):
+        self.spec, self.info, self.out_file = spec, info, out_file
         self.raw: dict = {}  # workload -> its measurements so far
-        self.save = lambda: None  # worker_main's: rewrite the result file
         self.memory = TreeMemory()
         self.stats = _EngineStats()
         import torch
@@ -421,7 +420,7 @@ class Worker:
         if spec.profile_context and info.kind == "infinitevl":
             from vllm.config import ProfilerConfig
 
-            self.profile_dir = Path(out_dir).resolve() / f"profile-{info.name}"
+            self.profile_dir = out_file.parent.resolve() / f"profile-{info.name}"
             args.profiler_config = ProfilerConfig(profiler="torch", torch_profiler_dir=str(self.profile_dir),
                                                   torch_profiler_with_stack=False)
         t0 = time.perf_counter()
@@ -465,7 +464,7 @@ class Worker:
         profile (a name): the torch profiler records PROFILE_STEPS decode steps once all are decoding."""
         self.stats.clear()
         self.memory.reset()
-        params, timed = self.sampling, steady
+        params = self.sampling
         if steady:
             longest = max(len(p["prompt_token_ids"]) for p in prompts)
             params = self.sampling.clone()
@@ -480,6 +479,7 @@ class Worker:
         profiled: list[float] = []  # wall time of each profiled step
         window = None  # client steps since all were decoding (steady)
         finished = steps = 0
+        gave_up = False  # steady, but they cannot all decode at once
         chunk = self.engine.vllm_config.scheduler_config.max_num_batched_tokens
         patience = 2 * math.ceil(sum(len(p.get("prompt_token_ids", ())) for p in prompts) / chunk) + 64
         while self.engine.has_unfinished_requests():
@@ -487,14 +487,15 @@ class Worker:
             decoding = len(times) == len(prompts) and not finished  # every sequence has a token, none is done
             if decoding and profile is not None and not profiled:
                 self.engine.start_profile(profile)
-            if decoding and steady and window is None:
+            if decoding and steady and window is None and not gave_up:
                 window = 0
                 self.stats.itls.clear()  # from here on every sequence is decoding
             t_step = time.perf_counter()
             outs = self.engine.step()
-            now = time.perf_counter() - t0
+            t_done = time.perf_counter()
+            now = t_done - t0
             if decoding and profile is not None and len(profiled) < PROFILE_STEPS:
-                profiled.append(now + t0 - t_step)
+                profiled.append(t_done - t_step)
                 if len(profiled) == PROFILE_STEPS:
                     self.engine.stop_profile()
             for o in outs:
@@ -506,11 +507,11 @@ class Worker:
                 window += 1
                 if window == self.spec.gen_tokens:
                     self.engine.abort_request(ids)
-            elif steady and (self.stats.preempted or steps > patience):
+            elif steady and not gave_up and (self.stats.preempted or steps > patience):
                 # they do not all fit at once (a preemption, or still not all decoding long after their prompts
                 # could have been prefilled): there is no steady rate of all of them to measure
                 self.engine.abort_request(ids)
-                steady = False
+                gave_up = True
         if profile is not None:
             if len(profiled) < PROFILE_STEPS:
                 raise BenchError(f"--gen-tokens {self.spec.gen_tokens} leaves fewer than {PROFILE_STEPS} decode "
@@ -532,13 +533,22 @@ class Worker:
             "itl_ms_p90": 1e3 * _percentile(itls, 0.9),
             "output_tokens_per_s": sum(len(ts) for ts in times.values()) / wall,
             # every step of the timed stretch gives each sequence one token
-            "decode_tokens_per_s": len(prompts) * len(itls) / sum(itls) if window is not None or not timed else None,
+            "decode_tokens_per_s": len(prompts) * len(itls) / sum(itls) if window is not None or not steady else None,
             "kv_cache_usage_peak": self.stats.kv_usage,
             "kv_cache_used_bytes": int(self.stats.kv_usage * budget),
             "max_running": self.stats.max_running,
             "preempted": self.stats.preempted,
             **self.memory.peaks(),
         }
+
+    def save(self, complete: bool = False) -> None:
+        """Rewrite this model's result file with everything measured so far."""
+        result = {**asdict(self.info), "startup_s": self.startup_s, "kv_cache_blocks": self.kv_blocks,
+                  "engine": self.settings, "step_bytes": self.step_bytes, "copy_bandwidth": self.bandwidth,
+                  "raw": self.raw, "complete": complete}
+        tmp = self.out_file.with_name(self.out_file.name + ".tmp")
+        tmp.write_text(json.dumps(result))
+        tmp.replace(self.out_file)
 
     def _rows(self, workload: str) -> list[dict]:
         """The rows of a workload, kept in `raw` as they are measured (a crash keeps what was measured)."""
@@ -666,29 +676,20 @@ class _EngineAsLLM:
         return done
 
 
-def worker_main(spec_file: str, info_file: str, out_file: str, results_dir: str) -> int:
+def worker_main(spec_file: str, info_file: str, out_file: str) -> int:
     """Entry of the per-model subprocess: the result file is rewritten after every measurement, so a crash
     keeps everything measured before it (`complete` says whether the run finished)."""
     exit_cleanly_on_sigterm()
     spec = BenchSpec(**json.loads(Path(spec_file).read_text()))
     info = ModelInfo(**json.loads(Path(info_file).read_text()))
-    w = Worker(spec, info, results_dir)
-
-    def save(complete: bool = False) -> None:
-        result = {**asdict(info), "startup_s": w.startup_s, "kv_cache_blocks": w.kv_blocks, "engine": w.settings,
-                  "step_bytes": w.step_bytes, "copy_bandwidth": w.bandwidth, "raw": w.raw, "complete": complete}
-        tmp = Path(out_file + ".tmp")
-        tmp.write_text(json.dumps(result))
-        tmp.replace(out_file)
-
-    w.save = save
+    w = Worker(spec, info, Path(out_file))
     try:
         for name, run in (("decode-vs-context", w.decode_vs_context), ("throughput", w.throughput),
                           ("streaming", w.streaming), ("profile", w.profile), ("session", w.session)):
             if name == "profile" and w.profile_dir is not None or (
                     name in spec.workloads and (name != "session" or info.kind == "infinitevl")):
                 run()
-        save(complete=True)
+        w.save(complete=True)
     finally:
         w.close()
     return 0
@@ -735,7 +736,7 @@ def _run_worker(spec: BenchSpec, info: ModelInfo, tmp: Path, log, bar, result: P
     out = result.with_suffix(f".{info.name.replace('/', '_')}.partial.json")
     out.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "infinitevl_vllm.tools.bench", "--worker", str(tmp / "spec.json"),
-           str(tmp / "info.json"), str(out), str(result.parent)]
+           str(tmp / "info.json"), str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                             env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     seen: dict[int, psutil.Process] = {}
@@ -1083,6 +1084,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 6 and sys.argv[1] == "--worker":
+    if len(sys.argv) == 5 and sys.argv[1] == "--worker":
         sys.exit(worker_main(*sys.argv[2:]))
     sys.exit(main(sys.argv[1:]))
