@@ -28,7 +28,9 @@ def test_weights_mapper_stacks_each_layer_by_its_kind(tiny_ckpt):
     assert m._map_name_with_shard("model.layers.0.self_attn.k_proj.weight") == (
         "model.layers.0.self_attn.qkv_proj.weight", "k")
     assert m._map_name_with_shard("model.layers.1.self_attn.g_proj.weight") == (
-        "model.layers.1.self_attn.in_proj_qkvg.weight", 3)
+        "model.layers.1.self_attn.in_proj.weight", 3)
+    assert m._map_name_with_shard("model.layers.2.self_attn.b_proj.weight") == (
+        "model.layers.2.self_attn.in_proj.weight", 5)
     assert m._map_name_with_shard("model.layers.5.self_attn.v_conv1d.weight") == (
         "model.layers.5.self_attn.conv1d.weight", 2)
     assert m._map_name_with_shard("model.layers.4.mlp.up_proj.weight") == ("model.layers.4.mlp.gate_up_proj.weight", 1)
