@@ -190,7 +190,9 @@ def test_broken_infinitevl_checkpoint_is_named(tiny_ckpt, tmp_path):
 
 # -- the decode-step profile -------------------------------------------------------------------------
 def test_a_profile_counts_kernels_and_gpu_time_per_step_from_the_trace(tmp_path):
-    """Only GPU kernels count (not the CPU ops and runtime calls beside them), and only the named trace."""
+    """Only GPU kernels count (not the CPU ops and runtime calls beside them), only the named trace, and steps
+    are the runner's step ranges on the GPU in the trace (with async scheduling the client's step() calls
+    while the profiler ran are not the steps it recorded)."""
     import gzip
 
     from infinitevl_vllm.tools.bench import kernel_profile
@@ -199,9 +201,11 @@ def test_a_profile_counts_kernels_and_gpu_time_per_step_from_the_trace(tmp_path)
         with gzip.open(tmp_path / f"{name}_dp0_pp0_tp0.123.pt.trace.json.gz", "wt") as f:
             json.dump({"traceEvents": events}, f)
 
-    steps = 4
+    steps = 5
     events = []
-    for _ in range(steps):  # a step: 3 GEMMs of 100 us, one recurrent kernel of 50 us, one graph launch
+    for i in range(steps):  # a step: 3 GEMMs of 100 us, one recurrent kernel of 50 us, one graph launch
+        span = {"name": "execute_context_0(0)_generation_1(1)", "dur": 400.0 + 10 * i}
+        events += [{"cat": "user_annotation", **span}, {"cat": "gpu_user_annotation", **span}]
         events += [{"cat": "kernel", "name": "gemm_bf16", "dur": 100.0} for _ in range(3)]
         events += [{"cat": "kernel", "name": "gdn_recurrent", "dur": 50.0},
                    {"cat": "cuda_runtime", "name": "cudaGraphLaunch", "dur": 20.0},
@@ -209,13 +213,15 @@ def test_a_profile_counts_kernels_and_gpu_time_per_step_from_the_trace(tmp_path)
     trace("decode-b1-c16384", events)
     trace("decode-b64-c16384", [{"cat": "kernel", "name": "other", "dur": 1.0}])
 
-    prof = kernel_profile(tmp_path, "decode-b1-c16384", [1.0, 1.2, 0.9, 5.0])
-    assert prof["steps"] == steps and prof["step_wall_ms_median"] == 1.0
+    prof = kernel_profile(tmp_path, "decode-b1-c16384")
+    assert prof["steps"] == steps and prof["step_gpu_span_ms_median"] == 0.42
     assert prof["kernels_per_step"] == 4 and prof["gpu_busy_ms_per_step"] == 0.35
     assert [(k["name"], k["calls_per_step"], k["ms_per_step"], k["share"]) for k in prof["top_kernels"]] == [
         ("gemm_bf16", 3, 0.3, round(300 / 350, 4)), ("gdn_recurrent", 1, 0.05, round(50 / 350, 4))]
     with pytest.raises(BenchError, match="no profiler trace named decode-b9"):
-        kernel_profile(tmp_path, "decode-b9", [1.0])
+        kernel_profile(tmp_path, "decode-b9")
+    with pytest.raises(BenchError, match="has no execute_context step"):
+        kernel_profile(tmp_path, "decode-b64-c16384")
 
 
 def test_profiling_is_refused_without_a_gpu(tiny_ckpt, monkeypatch):

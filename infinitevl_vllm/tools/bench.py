@@ -476,7 +476,7 @@ class Worker:
             self.engine.add_request(rid, p, params)
         times: dict[str, list[float]] = {}
         prompt_tokens: dict[str, int] = {}
-        profiled: list[float] = []  # wall time of each profiled step
+        profiled = 0  # client steps under the profiler
         window = None  # client steps since all were decoding (steady)
         finished = steps = 0
         gave_up = False  # steady, but they cannot all decode at once
@@ -490,13 +490,11 @@ class Worker:
             if decoding and steady and window is None and not gave_up:
                 window = 0
                 self.stats.itls.clear()  # from here on every sequence is decoding
-            t_step = time.perf_counter()
             outs = self.engine.step()
-            t_done = time.perf_counter()
-            now = t_done - t0
-            if decoding and profile is not None and len(profiled) < PROFILE_STEPS:
-                profiled.append(t_done - t_step)
-                if len(profiled) == PROFILE_STEPS:
+            now = time.perf_counter() - t0
+            if decoding and profile is not None and profiled < PROFILE_STEPS:
+                profiled += 1
+                if profiled == PROFILE_STEPS:
                     self.engine.stop_profile()
             for o in outs:
                 finished += o.finished
@@ -513,10 +511,10 @@ class Worker:
                 self.engine.abort_request(ids)
                 gave_up = True
         if profile is not None:
-            if len(profiled) < PROFILE_STEPS:
+            if profiled < PROFILE_STEPS:
                 raise BenchError(f"--gen-tokens {self.spec.gen_tokens} leaves fewer than {PROFILE_STEPS} decode "
                                  "steps to profile")
-            return {"step_wall_ms": [round(1e3 * t, 3) for t in profiled]}
+            return {}
         wall = time.perf_counter() - t0
         itls = self.stats.itls
         first = [ts[0] for ts in times.values()]
@@ -645,8 +643,8 @@ class Worker:
         profiles = self.raw.setdefault("profile", {})
         for batch in sorted({1, largest}):
             name = f"decode-b{batch}-c{c}"
-            walls = self._run([self._ids(c, 100 + i) for i in range(batch)], profile=name, steady=True)["step_wall_ms"]
-            profiles[name] = {"batch": batch, "context": c, **kernel_profile(self.profile_dir, name, walls)}
+            self._run([self._ids(c, 100 + i) for i in range(batch)], profile=name, steady=True)
+            profiles[name] = {"batch": batch, "context": c, **kernel_profile(self.profile_dir, name)}
             self.save()
             _emit({"event": "measured", "workload": "profile", "batch": batch})
 
@@ -695,9 +693,14 @@ def worker_main(spec_file: str, info_file: str, out_file: str) -> int:
     return 0
 
 
-def kernel_profile(trace_dir: Path, name: str, step_wall_ms: list[float], top: int = 25) -> dict:
+STEP_ANNOTATION = "execute_context"  # vLLM names each model step execute_context_..._generation_...
+
+
+def kernel_profile(trace_dir: Path, name: str, top: int = 25) -> dict:
     """Kernels a step and GPU time a step, by kernel name, from the torch profiler's trace of `name`
-    (vLLM writes `<name>_<rank>.<time>.pt.trace.json.gz` into `trace_dir`)."""
+    (vLLM writes `<name>_<rank>.<time>.pt.trace.json.gz` into `trace_dir`). Steps are counted in the trace
+    (the runner's step ranges on the GPU), not where the client called `step()`: with async scheduling the
+    core runs ahead of the client, so the trace holds fewer (or more) steps than the client took."""
     import gzip
 
     traces = sorted(trace_dir.glob(f"{name}_*.pt.trace.json*"), key=lambda f: f.stat().st_mtime)
@@ -707,7 +710,11 @@ def kernel_profile(trace_dir: Path, name: str, step_wall_ms: list[float], top: i
     with opener(traces[-1], "rt") as f:
         events = json.load(f)["traceEvents"]
     kernels = [e for e in events if e.get("cat") == "kernel"]
-    steps = len(step_wall_ms)
+    spans = [e.get("dur", 0.0) for e in events
+             if e.get("cat") == "gpu_user_annotation" and str(e.get("name", "")).startswith(STEP_ANNOTATION)]
+    if not spans:
+        raise BenchError(f"profiler trace {traces[-1].name} has no {STEP_ANNOTATION} step on the GPU")
+    steps = len(spans)
     by_name: dict[str, list[float]] = {}
     for k in kernels:
         by_name.setdefault(k["name"], []).append(k.get("dur", 0.0))
@@ -715,7 +722,7 @@ def kernel_profile(trace_dir: Path, name: str, step_wall_ms: list[float], top: i
     ranked = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))
     return {
         "trace": traces[-1].name, "steps": steps,
-        "step_wall_ms_median": round(_percentile(step_wall_ms, 0.5), 3),
+        "step_gpu_span_ms_median": round(_percentile(spans, 0.5) / 1e3, 4),  # includes the profiler's own cost
         "kernels_per_step": round(len(kernels) / steps, 1),
         "gpu_busy_ms_per_step": round(busy_us / steps / 1e3, 4),
         "top_kernels": [{"name": n[:160], "calls_per_step": round(len(d) / steps, 2),
@@ -896,7 +903,7 @@ def summarize(models: list[dict]) -> dict:
                                                  round(st[-1]["kv_cache_used_bytes"] / 2**20, 1)]}
         for name, prof in m["raw"].get("profile", {}).items():
             s.setdefault("decode_profile", {})[name] = {
-                k: prof[k] for k in ("step_wall_ms_median", "gpu_busy_ms_per_step", "kernels_per_step")}
+                k: prof[k] for k in ("step_gpu_span_ms_median", "gpu_busy_ms_per_step", "kernels_per_step")}
         if m.get("error"):
             s["error"] = m["error"]
         summary[m["name"]] = s
