@@ -35,6 +35,7 @@ from infinitevl_kernels.layout import (
     rope_of,
 )
 from infinitevl_kernels.rope import apply_rope, mrope_cos_sin
+from infinitevl_kernels.triton_ops import gated_rmsnorm_heads
 from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
@@ -159,15 +160,19 @@ class InfiniteVLGatedDeltaNet(OlmoHybridGatedDeltaNetAttention):
 
     def _full_forward(self, hidden_states: torch.Tensor, output: torch.Tensor) -> None:
         """The parent's order (projections, core, gated norm, output projection) over the fused input
-        projection; the core writes every row, so its output needs no zeroing."""
+        projection; the core writes every row, so its output needs no zeroing. The gated norm reads the
+        gate where the projection put it (the parent copies it out first)."""
         n = hidden_states.size(0)
         heads, dv = self.num_v_heads // self.tp_size, self.head_v_dim
         proj, _ = self.in_proj(hidden_states)
         mixed_qkv, gate, a, b = proj.split([self.conv_dim // self.tp_size, heads * dv, heads, heads], dim=-1)
         core = torch.empty(n, heads, dv, dtype=hidden_states.dtype, device=hidden_states.device)
         self._forward_core(mixed_qkv=mixed_qkv, b=b, a=a, core_attn_out=core)
-        normed = self.o_norm(core.view(n * heads, dv), gate.reshape(n * heads, dv))
-        output[:n], _ = self.o_proj(normed.view(n, heads * dv))
+        if core.is_cuda:  # one launch; o_norm runs as ~10 torch ops inside this op, which inductor never sees
+            normed = gated_rmsnorm_heads(core, gate, self.o_norm.weight, self.o_norm.eps)
+        else:
+            normed = self.o_norm(core.view(n * heads, dv), gate.reshape(n * heads, dv)).view(n, heads * dv)
+        output[:n], _ = self.o_proj(normed)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """vLLM's loader, except the fused conv: its loader takes the shard id the WeightsMapper put on each

@@ -79,8 +79,13 @@ def _gated_rmsnorm_kernel(o_ptr, g_ptr, w_ptr, y_ptr, eps, stride_ot, stride_oh,
 
 
 def gated_rmsnorm_heads(o: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """norm(o) * weight * silu(gate) per head: o [T, H, D], gate [T, H*D] -> [T, H*D]."""
+    """norm(o) * weight * silu(gate) per head, in float32: o [T, H, D] (any strides but the last), gate
+    [T, H*D] with any row stride (a slice of a wider projection is read in place) -> [T, H*D].
+    Reference: ``gdn.reference.gated_rmsnorm``."""
     T, H, D = o.shape
+    if D & (D - 1) or o.stride(-1) != 1 or gate.stride(-1) != 1 or gate.shape != (T, H * D):
+        raise ValueError(f"need a power-of-two head dim and unit last strides: o {tuple(o.shape)}, "
+                         f"gate {tuple(gate.shape)}")
     y = torch.empty(T, H * D, dtype=gate.dtype, device=o.device)
     _gated_rmsnorm_kernel[(T, H)](o, gate, weight, y, eps, o.stride(0), o.stride(1), gate.stride(0), y.stride(0), D=D)
     return y

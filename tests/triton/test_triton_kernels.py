@@ -242,3 +242,21 @@ def test_fused_matvecs_match_torch(N, K):
     assert rel(linear(x, w), x @ w.t()) < 1e-5
     gu = torch.randn(1, 2 * K, generator=g)
     assert rel(silu_linear(gu, w), (torch.nn.functional.silu(gu[:, :K]) * gu[:, K:]) @ w.t()) < 1e-5
+
+
+def test_gated_rmsnorm_reads_the_gate_in_place_in_a_wider_projection():
+    """The served GDN layer's output norm: the gate is a column slice of the fused input projection."""
+    from infinitevl_kernels.gdn.reference import gated_rmsnorm
+    from infinitevl_kernels.triton_ops import gated_rmsnorm_heads
+
+    g = torch.Generator().manual_seed(11)
+    T, H, D = 3, 2, 32
+    o = torch.randn(T, H, D, generator=g, dtype=torch.float64)
+    proj = torch.randn(T, 7 + H * D + 5, generator=g, dtype=torch.float64)
+    gate = proj[:, 7 : 7 + H * D]
+    w = torch.rand(D, generator=g, dtype=torch.float64) + 0.5
+    y = gated_rmsnorm_heads(o, gate, w, 1e-6)
+    ref = gated_rmsnorm(o, gate.reshape(T, H, D), w, 1e-6).reshape(T, H * D)
+    assert y.shape == (T, H * D) and rel(y, ref) < 1e-6
+    with pytest.raises(ValueError, match="power-of-two head dim"):
+        gated_rmsnorm_heads(o[..., :24], gate[:, : H * 24], w[:24], 1e-6)
