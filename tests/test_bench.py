@@ -224,6 +224,24 @@ def test_a_profile_counts_kernels_and_gpu_time_per_step_from_the_trace(tmp_path)
         kernel_profile(tmp_path, "decode-b64-c16384")
 
 
+def test_the_summary_sets_a_session_appends_wall_time_beside_its_gpu_time():
+    """Is an append waiting on the GPU or on the host? Two model steps an append, 3 ms of kernels each,
+    against 100 ms of wall time: host-bound."""
+    from infinitevl_vllm.tools.bench import SESSION_PROFILE, summarize
+
+    m = {"name": "ours", "kind": "infinitevl", "startup_s": 1.0, "copy_bandwidth": {"bytes_per_s": 1e9},
+         "raw": {"profile": {
+             "decode-b1-c16384": {"steps": 5, "step_gpu_span_ms_median": 3.6, "gpu_busy_ms_per_step": 3.5,
+                                  "kernels_per_step": 800.0},
+             SESSION_PROFILE: {"appends": 5, "append_ms": [90.0, 100.0, 120.0, 100.0, 110.0], "steps": 10,
+                               "step_gpu_span_ms_median": 4.0, "gpu_busy_ms_per_step": 3.0,
+                               "kernels_per_step": 900.0}}}}
+    s = summarize([m])["ours"]
+    assert s["session_profile"] == {"append_ms_median": 100.0, "steps_per_append": 2.0,
+                                    "gpu_busy_ms_per_append": 6.0}
+    assert list(s["decode_profile"]) == ["decode-b1-c16384"]
+
+
 def test_profiling_is_refused_without_a_gpu(tiny_ckpt, monkeypatch):
     import torch
 

@@ -59,6 +59,8 @@ class BenchError(ValueError):
 
 LARGEST_BATCH = 0  # `--batch max`: the largest batch whose sequences the KV budget holds at once
 PROFILE_STEPS = 8  # decode steps a `--profile-context` profile records
+PROFILE_APPENDS = 5  # session appends it records after the session workload (where an append's time goes)
+SESSION_PROFILE = "session-appends"
 
 
 def parse_tokens(text: str) -> int:
@@ -634,6 +636,18 @@ class Worker:
                 if k % 100 == 0 or k == n:
                     record()
                 _emit({"event": "measured", "workload": "session", "frames": k})
+            if self.profile_dir is not None:  # after the measured stream, so the profiler does not slow it
+                profiled = []
+                self.engine.start_profile(SESSION_PROFILE)
+                for _ in range(PROFILE_APPENDS):
+                    t0 = time.perf_counter()
+                    session.append([frame])
+                    profiled.append(round(1e3 * (time.perf_counter() - t0), 2))
+                self.engine.stop_profile()
+                prof = kernel_profile(self.profile_dir, SESSION_PROFILE)
+                self.raw.setdefault("profile", {})[SESSION_PROFILE] = {
+                    "appends": PROFILE_APPENDS, "append_ms": profiled, **prof}
+                self.save()
 
     def profile(self) -> None:
         """The served decode step under the torch profiler, at batch 1 and at the largest batch the throughput
@@ -720,6 +734,10 @@ def kernel_profile(trace_dir: Path, name: str, top: int = 25) -> dict:
         by_name.setdefault(k["name"], []).append(k.get("dur", 0.0))
     busy_us = sum(sum(d) for d in by_name.values())
     ranked = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))
+    cpu: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "cpu_op":
+            cpu[e["name"]] = cpu.get(e["name"], 0.0) + e.get("dur", 0.0)
     return {
         "trace": traces[-1].name, "steps": steps,
         "step_gpu_span_ms_median": round(_percentile(spans, 0.5) / 1e3, 4),  # includes the profiler's own cost
@@ -728,6 +746,9 @@ def kernel_profile(trace_dir: Path, name: str, top: int = 25) -> dict:
         "top_kernels": [{"name": n[:160], "calls_per_step": round(len(d) / steps, 2),
                          "ms_per_step": round(sum(d) / steps / 1e3, 4),
                          "share": round(sum(d) / busy_us, 4) if busy_us else None} for n, d in ranked[:top]],
+        # host side (nested ops each count their children too): where a host-bound step spends its time
+        "top_cpu_ops_ms_per_step": {n: round(t / steps / 1e3, 4)
+                                    for n, t in sorted(cpu.items(), key=lambda kv: -kv[1])[:top]},
     }
 
 
@@ -902,6 +923,12 @@ def summarize(models: list[dict]) -> dict:
                 "kv_cache_used_mib_first_last": [round(st[0]["kv_cache_used_bytes"] / 2**20, 1),
                                                  round(st[-1]["kv_cache_used_bytes"] / 2**20, 1)]}
         for name, prof in m["raw"].get("profile", {}).items():
+            if name == SESSION_PROFILE:  # is an append's time on the GPU, or on the host?
+                per_append = prof["steps"] / prof["appends"]
+                s["session_profile"] = {
+                    "append_ms_median": _percentile(prof["append_ms"], 0.5), "steps_per_append": per_append,
+                    "gpu_busy_ms_per_append": round(prof["gpu_busy_ms_per_step"] * per_append, 3)}
+                continue
             s.setdefault("decode_profile", {})[name] = {
                 k: prof[k] for k in ("step_gpu_span_ms_median", "gpu_busy_ms_per_step", "kernels_per_step")}
         if m.get("error"):
