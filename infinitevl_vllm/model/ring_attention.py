@@ -8,12 +8,14 @@ CPU and the Triton kernels of ``infinitevl_kernels.swa.triton_ring`` (same layou
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from infinitevl_kernels.swa.ring import PagedRing, ring_decode_attention, ring_prefill_attention
-from infinitevl_kernels.swa.triton_ring import swa_paged_forward
+from infinitevl_kernels.swa.triton_ring import swa_paged_forward, warm_up_ring
 from vllm.config import CacheConfig, VllmConfig
 from vllm.model_executor.layers.attention import Attention
 from vllm.v1.attention.backend import (
@@ -29,6 +31,8 @@ from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from .state_manager import RingKVSpec
 from .state_size import ring_blocks
 from .step_requests import StepRequests, step_requests_of
+
+logger = logging.getLogger("vllm.infinitevl_vllm")
 
 
 @dataclass
@@ -101,10 +105,23 @@ class RingAttentionImpl(AttentionImpl[RingAttentionMetadata]):
         self.kv_cache_dtype = kv_cache_dtype
         self.window = window
 
+    kernels_compiled = False  # once a process: every SWA layer launches the same kernels
+
+    def _compile_kernels(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Compile every decode and prefill variant at start-up, on a scratch ring (vLLM's dummy runs skip
+        this op, so a server would compile a variant when a batch first needs it)."""
+        t0 = time.perf_counter()
+        warm_up_ring(query.view(-1, self.num_heads, self.head_size), key.view(-1, self.num_kv_heads, self.head_size),
+                     value.view(-1, self.num_kv_heads, self.head_size), self.window, layer.block_size, self.scale)
+        RingAttentionImpl.kernels_compiled = True
+        logger.info("InfiniteVL: compiled the ring attention kernels in %.1f s", time.perf_counter() - t0)
+
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                 attn_metadata: RingAttentionMetadata | None, output: torch.Tensor, output_scale=None,
                 output_block_scale=None) -> torch.Tensor:
         if attn_metadata is None:  # profiling run: no rings yet
+            if query.is_cuda and query.shape[0] >= 17 and not RingAttentionImpl.kernels_compiled:
+                self._compile_kernels(layer, query, key, value)
             return output
         md = attn_metadata
         if query.is_cuda:  # the Triton kernels on the same paged ring
@@ -153,6 +170,7 @@ class RingSlidingWindowAttention(Attention):
         super().__init__(num_heads, head_dim, head_dim**-0.5, num_kv_heads=num_kv_heads, cache_config=cache_config,
                          quant_config=quant_config, prefix=prefix, attn_backend=RingAttentionBackend, window=window)
         self.window = window
+        self.block_size = cache_config.block_size if cache_config is not None else 16  # the plugin fixed it
         self.step_requests = step_requests  # the model's; the metadata builder finds it through this layer
 
     def get_kv_cache_spec(self, vllm_config: VllmConfig) -> RingKVSpec:

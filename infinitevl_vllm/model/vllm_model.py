@@ -18,12 +18,14 @@ What is ours and why:
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterable
 from types import SimpleNamespace
 
 import torch
 from infinitevl_kernels.gdn.batch import GDNBatch, GDNLayer, GDNShape, gdn_forward_batch
-from infinitevl_kernels.gdn.triton_batch import gdn_decode_slots, gdn_prefill_varlen
+from infinitevl_kernels.gdn.triton_batch import gdn_decode_slots, gdn_prefill_varlen, warm_up_prefill
 from infinitevl_kernels.layout import (
     GDN_CONVS,
     GDN_GATES,
@@ -76,6 +78,8 @@ from ..config import InfiniteVLTextConfig
 from ..vllm_patches import keep_conv_weight_layout, without_triton_allocator
 from .ring_attention import RingSlidingWindowAttention
 from .step_requests import StepRequests, step_requests_of
+
+logger = logging.getLogger("vllm.infinitevl_vllm")
 
 
 def _gdn_layer_config(cfg: InfiniteVLTextConfig) -> SimpleNamespace:
@@ -198,6 +202,8 @@ class InfiniteVLGatedDeltaNet(OlmoHybridGatedDeltaNetAttention):
         md = get_forward_context().attn_metadata
         md = md.get(self.prefix) if isinstance(md, dict) else None
         if md is None or md.num_actual_tokens == 0:  # profiling / dummy runs
+            if md is None and mixed_qkv.is_cuda and not InfiniteVLGatedDeltaNet.prefill_compiled:
+                self._compile_prefill(mixed_qkv, a, b)  # vLLM's first dummy run: a whole prefill chunk
             return
         assert isinstance(md, GDNAttentionMetadata)
         if md.spec_sequence_masks is not None:
@@ -205,10 +211,7 @@ class InfiniteVLGatedDeltaNet(OlmoHybridGatedDeltaNetAttention):
         conv_state, ssm_state = self.kv_cache
         if not is_conv_state_dim_first():
             conv_state = conv_state.transpose(-1, -2)  # -> [slots, C, K-1]
-        weight = self.conv1d.weight
-        layer = GDNLayer(conv_weight=weight.view(weight.size(0), weight.size(-1)), A_log=self.A_log,
-                         dt_bias=self.dt_bias, conv_state=conv_state, ssm_state=ssm_state,
-                         shape=GDNShape(self.num_v_heads // self.tp_size, self.head_k_dim, self.head_v_dim))
+        layer = self._gdn_layer(conv_state, ssm_state)
         if not mixed_qkv.is_cuda:
             self._forward_core_cpu(md, mixed_qkv, a, b, core_attn_out, layer)
             return
@@ -223,6 +226,25 @@ class InfiniteVLGatedDeltaNet(OlmoHybridGatedDeltaNetAttention):
                 has_initial_state=md.prefill_has_initial_state[:num_prefills],
                 cu_seqlens=md.prefill_query_start_loc[: num_prefills + 1], max_len=md.num_prefill_tokens,
                 use_fla=mixed_qkv.dtype != torch.float32)  # fla's chunked kernel refuses float32
+
+    def _gdn_layer(self, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> GDNLayer:
+        weight = self.conv1d.weight
+        return GDNLayer(conv_weight=weight.view(weight.size(0), weight.size(-1)), A_log=self.A_log,
+                        dt_bias=self.dt_bias, conv_state=conv_state, ssm_state=ssm_state,
+                        shape=GDNShape(self.num_v_heads // self.tp_size, self.head_k_dim, self.head_v_dim))
+
+    prefill_compiled = False  # once a process: every GDN layer launches the same kernels
+
+    def _compile_prefill(self, mixed_qkv: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Compile the prefill kernels at start-up (vLLM's dummy runs skip this op's core, so a server would
+        compile them on its first long prompt); on scratch state, as vLLM has not allocated the pools yet."""
+        t0 = time.perf_counter()
+        conv_dtype, ssm_dtype = self.get_state_dtype()[:2]
+        scratch = self._gdn_layer(torch.empty(0, dtype=conv_dtype), torch.empty(0, dtype=ssm_dtype))
+        warm_up_prefill(mixed_qkv, a, b, scratch, use_fla=mixed_qkv.dtype != torch.float32)
+        InfiniteVLGatedDeltaNet.prefill_compiled = True
+        logger.info("InfiniteVL: compiled the GDN prefill kernels in %.1f s (%d-token chunks)",
+                    time.perf_counter() - t0, mixed_qkv.shape[0])
 
     @staticmethod
     def _forward_core_cpu(md: GDNAttentionMetadata, mixed_qkv, a, b, core_attn_out, layer: GDNLayer) -> None:

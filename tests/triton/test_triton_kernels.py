@@ -260,3 +260,44 @@ def test_gated_rmsnorm_reads_the_gate_in_place_in_a_wider_projection():
     assert y.shape == (T, H * D) and rel(y, ref) < 1e-6
     with pytest.raises(ValueError, match="power-of-two head dim"):
         gated_rmsnorm_heads(o[..., :24], gate[:, : H * 24], w[:24], 1e-6)
+
+
+def test_start_up_compilation_runs_every_prefill_variant_on_scratch_state_only():
+    """The warm-ups a server runs at start-up (every split count and token-count class) touch no real state."""
+    from infinitevl_kernels.gdn.triton_batch import warm_up_prefill
+    from infinitevl_kernels.swa.triton_ring import warm_up_ring
+
+    g = torch.Generator().manual_seed(12)
+    T, C = 40, 2 * SHAPE.key_dim + SHAPE.value_dim
+    pools = (torch.randn(3, C, 3, generator=g), torch.randn(3, SHAPE.num_heads, SHAPE.head_v_dim, SHAPE.head_k_dim,
+                                                               generator=g))
+    layer = GDNLayer(conv_weight=torch.randn(C, 4, generator=g), A_log=torch.rand(SHAPE.num_heads, generator=g),
+                     dt_bias=torch.rand(SHAPE.num_heads, generator=g), conv_state=pools[0].clone(),
+                     ssm_state=pools[1].clone(), shape=SHAPE)
+    mixed, a, b = (torch.randn(T, C, generator=g), torch.randn(T, SHAPE.num_heads, generator=g),
+                   torch.randn(T, SHAPE.num_heads, generator=g))
+    inputs = [x.clone() for x in (mixed, a, b)]
+    warm_up_prefill(mixed, a, b, layer, use_fla=False)
+    assert torch.equal(layer.conv_state, pools[0]) and torch.equal(layer.ssm_state, pools[1])
+    assert all(torch.equal(x, y) for x, y in zip((mixed, a, b), inputs))
+
+    q, kv = torch.randn(T, 4, 16, generator=g), torch.randn(T, 2, 16, generator=g)
+    before = (q.clone(), kv.clone())
+    warm_up_ring(q, kv, kv, window=32, block_size=16, scale=0.25)
+    assert torch.equal(q, before[0]) and torch.equal(kv, before[1])
+
+
+def test_start_up_compilation_launches_each_split_count_a_batch_can_pick(monkeypatch):
+    """Decode cuts a 512-token window into 1, 2 or 4 pieces depending on the batch: all three are launched once,
+    and prefill runs one token, a multiple of 16 and another count."""
+    from infinitevl_kernels.swa import triton_ring
+
+    launched = []
+    monkeypatch.setattr(triton_ring, "swa_paged_decode", lambda *a, nsplit, **k: launched.append(("decode", nsplit)))
+    monkeypatch.setattr(triton_ring, "swa_paged_prefill",
+                        lambda q, *a, nsplit, **k: launched.append(("prefill", nsplit, q.shape[0])))
+    q, kv = torch.zeros(20, 4, 16), torch.zeros(20, 2, 16)
+    triton_ring.warm_up_ring(q, kv, kv, window=512, block_size=16, scale=0.25)
+    assert sorted({triton_ring.decode_splits(b, 2, 512) for b in range(1, 300)}) == [1, 2, 4]
+    assert launched == [("decode", 1), ("decode", 2), ("decode", 4),
+                        ("prefill", 1, 1), ("prefill", 1, 16), ("prefill", 1, 17)]  # the interpreter: one split

@@ -296,3 +296,36 @@ def gdn_prefill_varlen(
         ssm_state[slot] = S.transpose(-1, -2).to(ssm_state.dtype)
         o[s:e] = on.to(o.dtype)
     return o
+
+
+# -- start-up compilation -------------------------------------------------------------------------
+
+
+def warm_up_prefill(mixed_qkv: torch.Tensor, a: torch.Tensor, b: torch.Tensor, layer: GDNLayer, *,
+                    use_fla: bool) -> None:
+    """Compile every variant the varlen prefill launches, on a scratch pool of two slots (``layer``'s own
+    state pools are not touched): one sequence and several, token counts of each class Triton compiles
+    apart (1, a multiple of 16, other), each conv tile height. Without this a server compiles them on its
+    first long prompt: 48 s on an H200, most of it fla's autotuning.
+
+    fla keys its autotuning on the head shape, not the token count, so the first call, over all of
+    ``mixed_qkv`` (pass a whole prefill chunk), is the one whose timings choose its configs.
+    """
+    shape = layer.shape
+    T, C = mixed_qkv.shape
+    dev = mixed_qkv.device
+    conv = torch.zeros(2, C, layer.conv_weight.shape[-1] - 1, dtype=layer.conv_state.dtype, device=dev)
+    ssm = torch.zeros(2, shape.num_heads, shape.head_v_dim, shape.head_k_dim, dtype=layer.ssm_state.dtype,
+                      device=dev)
+    scratch = GDNLayer(conv_weight=layer.conv_weight, A_log=layer.A_log, dt_bias=layer.dt_bias, conv_state=conv,
+                       ssm_state=ssm, shape=shape)
+    # the whole chunk as one sequence and as two (fla's varlen kernels, autotuned at full size too), then
+    # the other token-count classes and conv tile heights: 1 and 16 tokens (tile 16), 17 (tile 32), 1 + 16
+    for lens in ([T], [T // 2, T - T // 2], [1], [16], [17], [1, 16]):
+        if min(lens) < 1 or sum(lens) > T:
+            continue
+        n = sum(lens)
+        cu = torch.tensor([0, *lens], device=dev).cumsum(0).to(torch.int32)
+        gdn_prefill_varlen(mixed_qkv[:n], a[:n], b[:n], scratch, slots=torch.arange(len(lens), dtype=torch.int32, device=dev),
+                           has_initial_state=torch.tensor([True, False][: len(lens)], device=dev),
+                           cu_seqlens=cu, max_len=max(lens), use_fla=use_fla)

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..layout import ring_blocks
 from .ring import PagedRing, ring_decode_attention, ring_prefill_attention
 
 NEG = tl.constexpr(-1.0e30)
@@ -327,6 +328,12 @@ def prefill_splits(query_blocks: int, kv_heads: int, key_span: int, sms: int = 1
     return int(min(16, triton.next_power_of_2(want), max(1, key_span // 512)))
 
 
+def _query_rows(q: torch.Tensor, group: int) -> int:
+    """Query tokens a prefill tile takes: 128 tile rows on the GPU (16 tokens x 8 heads at the 4B shapes),
+    small tiles in the interpreter."""
+    return max(1, (128 if q.is_cuda else 16) // triton.next_power_of_2(group))
+
+
 def swa_paged_prefill(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -356,8 +363,7 @@ def swa_paged_prefill(
     GP = triton.next_power_of_2(G)
     scale = D**-0.5 if scale is None else scale
     o = torch.empty_like(q) if out is None else out
-    # 128 tile rows on the GPU (16 tokens x 8 heads at the 4B shapes); small tiles in the interpreter
-    BMT = max(1, (128 if q.is_cuda else 16) // GP)
+    BMT = _query_rows(q, G)
     BN = 64 if q.is_cuda else 16
     qblocks = triton.cdiv(max_len, BMT)
     if nsplit is None:
@@ -409,6 +415,29 @@ def swa_paged_forward(
         swa_paged_prefill(q[nd:], k[nd:], v[nd:], cache, block_table[nd : nd + n], prefill_query_start_loc,
                           starts[nd : nd + n], max_prefill_len, window, scale, out=out[nd:])
     return out
+
+
+def warm_up_ring(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, block_size: int,
+                 scale: float) -> None:
+    """Compile every variant decode and prefill launch (each split count the batch size or chunk length can
+    pick; prefill token counts of each class Triton compiles apart: 1, a multiple of 16, other) on a scratch
+    ring of one sequence. q [T, Hq, D], k/v [T, Hkv, D] (T >= 17) give the shapes, dtypes and strides the
+    served step passes. Without this a server compiles a variant when a batch first needs it."""
+    Hkv, D = k.shape[1], k.shape[2]
+    dev = q.device
+    blocks = ring_blocks(window, block_size)
+    cache = torch.zeros(blocks, Hkv, block_size, 2 * D, dtype=k.dtype, device=dev)
+    table = torch.arange(blocks, dtype=torch.int32, device=dev)[None]
+    i32 = dict(dtype=torch.int32, device=dev)
+    programs = range(1, 2 * 132 + 1)  # every count of sequences / query tiles that changes the split count
+    for nsplit in sorted({decode_splits(b, Hkv, window) for b in programs}):
+        swa_paged_decode(q[:1], k[:1], v[:1], cache, table, torch.tensor([window + 1], **i32), window, scale,
+                         nsplit=nsplit)
+    rows = _query_rows(q, q.shape[1] // Hkv)
+    for nsplit in sorted({prefill_splits(t, Hkv, window + rows) for t in programs} if q.is_cuda else {1}):
+        for n in (1, 16, 17):
+            swa_paged_prefill(q[:n], k[:n], v[:n], cache, table, torch.tensor([0, n], **i32),
+                              torch.tensor([0], **i32), n, window, scale, nsplit=nsplit)
 
 
 # -- torch references: ring.py's per-sequence attention (float64 math, cache updated in place) ------
