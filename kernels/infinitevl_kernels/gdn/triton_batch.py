@@ -325,7 +325,8 @@ def warm_up_prefill(mixed_qkv: torch.Tensor, a: torch.Tensor, b: torch.Tensor, l
         if min(lens) < 1 or sum(lens) > T:
             continue
         n = sum(lens)
-        cu = torch.tensor([0, *lens], device=dev).cumsum(0).to(torch.int32)
-        gdn_prefill_varlen(mixed_qkv[:n], a[:n], b[:n], scratch, slots=torch.arange(len(lens), dtype=torch.int32, device=dev),
+        cu = torch.tensor([0, *lens], device=dev).cumsum(0).to(torch.int32)  # int32 like vLLM's: same compile keys
+        slots = torch.arange(len(lens), dtype=torch.int32, device=dev)
+        gdn_prefill_varlen(mixed_qkv[:n], a[:n], b[:n], scratch, slots=slots,
                            has_initial_state=torch.tensor([True, False][: len(lens)], device=dev),
                            cu_seqlens=cu, max_len=max(lens), use_fla=use_fla)
