@@ -176,13 +176,31 @@ def gpu_record() -> dict[str, Any]:
     return RECORD
 
 
+def record_triton_compiles(into: list[str]) -> None:
+    """Append `module.kernel` to `into` for every Triton compilation in this process from now on (vLLM's own
+    JIT monitor, hooked in at start-up, still sees each)."""
+    from triton import knobs
+
+    previous = knobs.runtime.jit_post_compile_hook
+
+    def hook(**kwargs):
+        fn = kwargs.get("fn")
+        into.append(f"{getattr(getattr(fn, 'fn', None), '__module__', '?')}.{getattr(fn, 'name', '?')}")
+        return previous(**kwargs) if previous is not None else None
+
+    knobs.runtime.jit_post_compile_hook = hook
+
+
 @pytest.fixture(scope="session")
 def llm_f32(vllm_env, small_window_ckpt):
     """Ours, float32, 16-token window, in this process (tests drive its scheduler). Prefill chunks of
-    F32_CHUNK tokens; up to 4 images per prompt (a streaming session's question holds 4 frames)."""
+    F32_CHUNK tokens; up to 4 images per prompt (a streaming session's question holds 4 frames). Every Triton
+    compilation in this process after its start-up is listed in its `triton_compiles_after_start`."""
     llm = start_engine("infinitevl_f32", small_window_ckpt, in_process=True, dtype="float32", max_num_seqs=8,
                        max_num_batched_tokens=F32_CHUNK, enable_chunked_prefill=True,
                        limit_mm_per_prompt={"image": 4, "video": 1})
+    llm.triton_compiles_after_start = []
+    record_triton_compiles(llm.triton_compiles_after_start)
     yield llm
     stop_engine(llm)
 

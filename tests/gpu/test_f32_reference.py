@@ -154,3 +154,23 @@ def test_stream_session_frame_by_frame_equals_one_request_with_everything(llm_f3
     torch.testing.assert_close(chosen_logprobs(streamed), chosen_logprobs(single), atol=1e-3, rtol=0)
     other = oneshot(llm_f32, frames[1:], question, greedy)
     assert chosen_logprobs(other) != pytest.approx(chosen_logprobs(single), abs=1e-3)
+
+
+def test_serving_compiles_none_of_our_kernels_after_start_up(llm_f32, gpu_record):
+    """Start-up compiles every variant of our Triton kernels (each token-count class, conv tile height and split
+    count): prompts of every length class, alone and batched, longer than a chunk, and decodes at every batch
+    size, after all the tests above on this engine, compile none of them again."""
+    from vllm import SamplingParams
+
+    g = torch.Generator().manual_seed(41)
+    prompts = [{"prompt_token_ids": torch.randint(1000, 100000, (n,), generator=g).tolist()}
+               for n in (1, 15, 16, 17, 100, F32_CHUNK + 1, 3 * F32_CHUNK + 7)]
+    greedy = SamplingParams(temperature=0.0, max_tokens=6)
+    for prompt in prompts:  # one at a time: a single sequence's prefill, then batch-1 decode
+        llm_f32.generate([prompt], greedy, use_tqdm=False)
+    for batch in range(2, 9):  # batched prefill (varlen) and decode at every batch size up to max_num_seqs
+        llm_f32.generate([prompts[i % len(prompts)] for i in range(batch)], greedy, use_tqdm=False)
+    compiled = llm_f32.triton_compiles_after_start
+    ours = sorted({name for name in compiled if name.startswith("infinitevl_kernels")})
+    gpu_record["triton_compiles_after_start_up"] = {"ours": ours, "all": sorted(set(compiled))}
+    assert not ours, f"compiled while serving: {ours}"

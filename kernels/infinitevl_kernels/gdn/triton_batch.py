@@ -301,12 +301,21 @@ def gdn_prefill_varlen(
 # -- start-up compilation -------------------------------------------------------------------------
 
 
+# Packed batches whose shapes fall in every class Triton compiles apart, after the whole chunk as one sequence and
+# as two (fla's varlen kernels, autotuned at full size too): the token count T and fla's chunk count NT (64 tokens
+# a chunk, summed over sequences) each 1, a multiple of 16, or other; conv tile heights 16, 32 and 64 rows.
+PREFILL_WARM_UP = (
+    [1], [16], [17],  # (T, NT): (1, 1), (16k, 1), (other, 1); tiles 16, 16, 32
+    [128], [129], [1000],  # (16k, other), (other, other), (other, 16k)
+    [1, 16], [1, 127], [1, 960],  # two sequences: (other, other), (16k, other), (other, 16k)
+)
+
+
 def warm_up_prefill(mixed_qkv: torch.Tensor, a: torch.Tensor, b: torch.Tensor, layer: GDNLayer, *,
                     use_fla: bool) -> None:
-    """Compile every variant the varlen prefill launches, on a scratch pool of two slots (``layer``'s own
-    state pools are not touched): one sequence and several, token counts of each class Triton compiles
-    apart (1, a multiple of 16, other), each conv tile height. Without this a server compiles them on its
-    first long prompt: 48 s on an H200, most of it fla's autotuning.
+    """Compile every variant the varlen prefill launches (the whole chunk, then ``PREFILL_WARM_UP``'s batches
+    that fit in it) on a scratch pool of two slots; ``layer``'s own state pools are not touched. Without this
+    a server compiles them on its first requests: 48 s on an H200, most of it fla's autotuning.
 
     fla keys its autotuning on the head shape, not the token count, so the first call, over all of
     ``mixed_qkv`` (pass a whole prefill chunk), is the one whose timings choose its configs.
@@ -319,9 +328,7 @@ def warm_up_prefill(mixed_qkv: torch.Tensor, a: torch.Tensor, b: torch.Tensor, l
                       device=dev)
     scratch = GDNLayer(conv_weight=layer.conv_weight, A_log=layer.A_log, dt_bias=layer.dt_bias, conv_state=conv,
                        ssm_state=ssm, shape=shape)
-    # the whole chunk as one sequence and as two (fla's varlen kernels, autotuned at full size too), then
-    # the other token-count classes and conv tile heights: 1 and 16 tokens (tile 16), 17 (tile 32), 1 + 16
-    for lens in ([T], [T // 2, T - T // 2], [1], [16], [17], [1, 16]):
+    for lens in ([T], [T // 2, T - T // 2], *PREFILL_WARM_UP):
         if min(lens) < 1 or sum(lens) > T:
             continue
         n = sum(lens)
