@@ -107,6 +107,11 @@ def _check_gdn_config(cfg: InfiniteVLTextConfig) -> None:
         raise ValueError("InfiniteVL GDN layers need use_short_conv=True, use_gate=True, conv_bias=False")
 
 
+def _prefill_uses_fla(x: torch.Tensor) -> bool:
+    """fla's chunked kernel runs the CUDA prefill, except in float32, which it refuses."""
+    return x.dtype != torch.float32
+
+
 class InfiniteVLGDNMetadataBuilder(GDNAttentionMetadataBuilder):
     """vLLM's GDN metadata, plus: a request whose state was copied into its slot before its first chunk
     (a streaming session's) starts from that state (its per-request data in the model's StepRequests)."""
@@ -225,7 +230,7 @@ class InfiniteVLGatedDeltaNet(OlmoHybridGatedDeltaNetAttention):
                 mixed_qkv[nd:end], a[nd:end], b[nd:end], layer, slots=md.prefill_state_indices[:num_prefills],
                 has_initial_state=md.prefill_has_initial_state[:num_prefills],
                 cu_seqlens=md.prefill_query_start_loc[: num_prefills + 1], max_len=md.num_prefill_tokens,
-                use_fla=mixed_qkv.dtype != torch.float32)  # fla's chunked kernel refuses float32
+                use_fla=_prefill_uses_fla(mixed_qkv))
 
     def _gdn_layer(self, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> GDNLayer:
         weight = self.conv1d.weight
@@ -241,7 +246,7 @@ class InfiniteVLGatedDeltaNet(OlmoHybridGatedDeltaNetAttention):
         t0 = time.perf_counter()
         conv_dtype, ssm_dtype = self.get_state_dtype()[:2]
         scratch = self._gdn_layer(torch.empty(0, dtype=conv_dtype), torch.empty(0, dtype=ssm_dtype))
-        warm_up_prefill(mixed_qkv, a, b, scratch, use_fla=mixed_qkv.dtype != torch.float32)
+        warm_up_prefill(mixed_qkv, a, b, scratch, use_fla=_prefill_uses_fla(mixed_qkv))
         InfiniteVLGatedDeltaNet.prefill_compiled = True
         logger.info("InfiniteVL: compiled the GDN prefill kernels in %.1f s (%d-token chunks)",
                     time.perf_counter() - t0, mixed_qkv.shape[0])

@@ -29,6 +29,7 @@ from ..layout import ring_blocks
 from .ring import PagedRing, ring_decode_attention, ring_prefill_attention
 
 NEG = tl.constexpr(-1.0e30)
+SMS = 132  # an H100/H200's multiprocessors: the split counts aim at about two waves of programs
 
 
 def _dot_precision(x: torch.Tensor) -> str:
@@ -151,7 +152,7 @@ def _swa_decode_merge_kernel(
              (acc / tl.maximum(L, 1e-30)[:, None]).to(o_ptr.dtype.element_ty), mask=mg[:, None])
 
 
-def decode_splits(batch: int, kv_heads: int, window: int, sms: int = 132) -> int:
+def decode_splits(batch: int, kv_heads: int, window: int, sms: int = SMS) -> int:
     """How many pieces to cut each window into so that about two waves of programs run."""
     want = max(1, (2 * sms) // max(1, batch * kv_heads))
     return int(min(64, triton.next_power_of_2(want), max(1, window // 128)))
@@ -322,7 +323,7 @@ def _ring_write_kernel(
     tl.store(dst + D, v.to(ty), mask=keep[:, None])
 
 
-def prefill_splits(query_blocks: int, kv_heads: int, key_span: int, sms: int = 132) -> int:
+def prefill_splits(query_blocks: int, kv_heads: int, key_span: int, sms: int = SMS) -> int:
     """Key-range pieces per query block: enough programs for about two waves, pieces >= 512 keys."""
     want = max(1, (2 * sms) // max(1, query_blocks * kv_heads))
     return int(min(16, triton.next_power_of_2(want), max(1, key_span // 512)))
@@ -421,21 +422,22 @@ def warm_up_ring(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
                  scale: float) -> None:
     """Compile every variant decode and prefill launch (each split count the batch size or chunk length can
     pick; prefill token counts of each class Triton compiles apart: 1, a multiple of 16, other) on a scratch
-    ring of one sequence. q [T, Hq, D], k/v [T, Hkv, D] (T >= 17) give the shapes, dtypes and strides the
-    served step passes. Without this a server compiles a variant when a batch first needs it."""
+    ring of one sequence. q [T, Hq, D], k/v [T, Hkv, D] give the shapes, dtypes and strides the served step
+    passes (token counts above T are skipped). Without this a server compiles a variant when a batch first
+    needs it."""
     Hkv, D = k.shape[1], k.shape[2]
     dev = q.device
     blocks = ring_blocks(window, block_size)
     cache = torch.zeros(blocks, Hkv, block_size, 2 * D, dtype=k.dtype, device=dev)
     table = torch.arange(blocks, dtype=torch.int32, device=dev)[None]
     i32 = dict(dtype=torch.int32, device=dev)
-    programs = range(1, 2 * 132 + 1)  # every count of sequences / query tiles that changes the split count
+    programs = range(1, 2 * SMS + 1)  # every count of sequences / query tiles that changes the split count
     for nsplit in sorted({decode_splits(b, Hkv, window) for b in programs}):
         swa_paged_decode(q[:1], k[:1], v[:1], cache, table, torch.tensor([window + 1], **i32), window, scale,
                          nsplit=nsplit)
     rows = _query_rows(q, q.shape[1] // Hkv)
     for nsplit in sorted({prefill_splits(t, Hkv, window + rows) for t in programs} if q.is_cuda else {1}):
-        for n in (1, 16, 17):
+        for n in (n for n in (1, 16, 17) if n <= q.shape[0]):
             swa_paged_prefill(q[:n], k[:n], v[:n], cache, table, torch.tensor([0, n], **i32),
                               torch.tensor([0], **i32), n, window, scale, nsplit=nsplit)
 
