@@ -19,6 +19,7 @@ benchmarks/results/gpu_vllm_checks.json (`build_record` says what is in it).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib
 import json
@@ -176,9 +177,10 @@ def gpu_record() -> dict[str, Any]:
     return RECORD
 
 
-def record_triton_compiles(into: list[str]) -> None:
-    """Append `module.kernel` to `into` for every Triton compilation in this process from now on (vLLM's own
-    JIT monitor, hooked in at start-up, still sees each)."""
+@contextlib.contextmanager
+def triton_compiles_recorded(into: list[str]) -> Iterator[None]:
+    """Append `module.kernel` to `into` for every Triton compilation in this process while the block runs
+    (vLLM's own JIT monitor, hooked in at start-up, still sees each)."""
     from triton import knobs
 
     previous = knobs.runtime.jit_post_compile_hook
@@ -189,6 +191,10 @@ def record_triton_compiles(into: list[str]) -> None:
         return previous(**kwargs) if previous is not None else None
 
     knobs.runtime.jit_post_compile_hook = hook
+    try:
+        yield
+    finally:
+        knobs.runtime.jit_post_compile_hook = previous
 
 
 @pytest.fixture(scope="session")
@@ -200,8 +206,8 @@ def llm_f32(vllm_env, small_window_ckpt):
                        max_num_batched_tokens=F32_CHUNK, enable_chunked_prefill=True,
                        limit_mm_per_prompt={"image": 4, "video": 1})
     llm.triton_compiles_after_start = []
-    record_triton_compiles(llm.triton_compiles_after_start)
-    yield llm
+    with triton_compiles_recorded(llm.triton_compiles_after_start):
+        yield llm
     stop_engine(llm)
 
 
