@@ -76,6 +76,7 @@ from vllm.v1.attention.backends.gdn_attn import (
 
 from ..config import InfiniteVLTextConfig
 from ..vllm_patches import keep_conv_weight_layout, without_triton_allocator
+from .batch_one_linear import use_batch_one_products
 from .ring_attention import RingSlidingWindowAttention
 from .step_requests import StepRequests, step_requests_of
 
@@ -398,6 +399,10 @@ class InfiniteVLForCausalLM(nn.Module):
         self.model = InfiniteVLTextModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, prefix=maybe_prefix(prefix, "lm_head"))
         self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        if current_platform.is_cuda() and vllm_config.quant_config is None:
+            # the GDN layers' conv weights are read by the conv kernels, never multiplied
+            use_batch_one_products((m for name, m in self.model.named_modules() if not name.endswith("conv1d")),
+                                   self.lm_head)
         self.logits_processor = LogitsProcessor(cfg.vocab_size)
         self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
             ["hidden_states", "residual"], cfg.hidden_size

@@ -198,7 +198,8 @@ def _matvec_config(N: int, K: int, cuda: bool) -> tuple[int, int, int]:
 
 
 def _use_matvec(x: torch.Tensor, w: torch.Tensor) -> bool:
-    if x.shape[0] != 1 or MATVEC_CONFIGS.get(tuple(w.shape), ()) is None:
+    if (x.dim() != 2 or x.shape[0] != 1 or x.stride(-1) != 1 or w.stride(1) != 1
+            or MATVEC_CONFIGS.get(tuple(w.shape), ()) is None):
         return False
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -219,11 +220,64 @@ def _matvec(x, w, bias=None, pro=PRO_NONE, h=None, nw=None, eps=0.0, xo=None, co
     return y
 
 
+# The tiles that won the H100 sweep for every decoder shape (benchmarks/results/gpu_h100.json, gemv_sweep).
+MATVEC_CANDIDATES = ((4, 1024, 8), (8, 1024, 8))
+
+
+def _graph_us(fn, calls: int, replays: int = 5) -> float:
+    """Device time of one call of fn, in microseconds: the median replay of a CUDA graph of `calls` calls."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compiles and warms outside the capture
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(1e3 * start.elapsed_time(end) / calls)
+    del graph
+    return sorted(times)[len(times) // 2]
+
+
+def choose_matvec(w: torch.Tensor, bias: torch.Tensor | None = None,
+                  candidates: tuple[tuple[int, int, int], ...] = MATVEC_CANDIDATES) -> dict:
+    """Times the batch-1 product with w [N, K] on this GPU, Triton tiles against cuBLAS, and records the
+    faster in MATVEC_CONFIGS (None: cuBLAS), so ``linear`` uses it. As in a decode step, each call reads
+    its weight from memory, not L2: the calls rotate over copies of w worth twice the L2 cache."""
+    N, K = w.shape
+    l2 = getattr(torch.cuda.get_device_properties(w.device), "L2_cache_size", 64 * 2**20)
+    copies = min(16, max(1, -(-2 * l2 // (w.numel() * w.element_size()))))
+    ws = [w] + [w.clone() for _ in range(copies - 1)]
+    x = torch.randn(1, K, device=w.device).to(w.dtype)
+    calls = max(16, copies)
+
+    def rotating(run):
+        turn = iter(range(1 << 30))
+        return lambda: run(ws[next(turn) % copies])
+
+    timed = {"cublas": _graph_us(rotating(lambda wi: torch.nn.functional.linear(x, wi, bias)), calls)}
+    for cfg in candidates:
+        timed[cfg] = _graph_us(rotating(lambda wi, cfg=cfg: _matvec(x, wi, bias, config=cfg)), calls)
+    best = min(timed, key=timed.get)
+    MATVEC_CONFIGS[(N, K)] = None if best == "cublas" else best
+    return {"shape": (N, K), "uses": best, "us": {str(k): round(v, 2) for k, v in timed.items()}}
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, K] @ w[N, K]^T (+ bias): one Triton pass at T == 1, cuBLAS otherwise."""
     if _use_matvec(x, w):
         return _matvec(x, w, bias)
-    return x @ w.t() if bias is None else torch.addmm(bias, x, w.t())
+    return torch.nn.functional.linear(x, w, bias)
 
 
 def norm_linear(x: torch.Tensor, h: torch.Tensor | None, norm_w: torch.Tensor, eps: float, w: torch.Tensor,

@@ -1,0 +1,82 @@
+"""The decoder's linear layers at batch 1 on CUDA: a Triton matrix-vector pass where it beats cuBLAS.
+
+A batch-1 decode step reads every weight once and does nothing else of weight; cuBLAS runs those
+products at about three quarters of the copy bandwidth on an H200 (the narrow ones as split-K plus a reduce
+launch). ``infinitevl_kernels.triton_ops`` has a one-pass matrix-vector kernel; at load each weight shape is
+timed both ways on the GPU at hand and the faster one is kept, so this can only make a step faster.
+
+The layers stay vLLM's: only their ``quant_method`` (vLLM's seam for how a linear layer multiplies) is
+swapped for one whose product is a custom op, which torch.compile and CUDA graphs treat as one opaque call
+(its batch-1 branch is taken when a graph of batch 1 is captured).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import torch
+from infinitevl_kernels import triton_ops
+from torch import nn
+from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+from vllm.utils.torch_utils import direct_register_custom_op
+
+logger = logging.getLogger("vllm.infinitevl_vllm")
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return triton_ops.linear(x, weight, bias)
+
+
+def _linear_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+direct_register_custom_op("infinitevl_linear", _linear, fake_impl=_linear_fake)
+
+_timed: set[tuple] = set()  # (shape, dtype) already timed in this process: layers of one shape share it
+
+
+def _choose(layer: nn.Module) -> None:
+    w = layer.weight
+    key = (tuple(w.shape), w.dtype)
+    if key in _timed:
+        return
+    _timed.add(key)
+    result = triton_ops.choose_matvec(w.data, getattr(layer, "bias", None))
+    logger.info("InfiniteVL: batch-1 product %dx%d uses %s (microseconds: %s)", *result["shape"],
+                result["uses"], result["us"])
+
+
+def _apply(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.vllm.infinitevl_linear(x, layer.weight, bias)
+
+
+class BatchOneLinearMethod(UnquantizedLinearMethod):
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        super().process_weights_after_loading(layer)
+        _choose(layer)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return _apply(layer, x, bias)
+
+
+class BatchOneHeadMethod(UnquantizedEmbeddingMethod):
+    """The LM head's product; its embedding lookup stays vLLM's."""
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        super().process_weights_after_loading(layer)
+        _choose(layer)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return _apply(layer, x, bias)
+
+
+def use_batch_one_products(layers: Iterable[nn.Module], lm_head: nn.Module) -> None:
+    """Swap the plain (unquantized) linear layers among `layers`, and the head, to the methods above."""
+    for module in layers:
+        if type(getattr(module, "quant_method", None)) is UnquantizedLinearMethod:
+            module.quant_method = BatchOneLinearMethod()
+    if type(lm_head.quant_method) is UnquantizedEmbeddingMethod:
+        lm_head.quant_method = BatchOneHeadMethod()
