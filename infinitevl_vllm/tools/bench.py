@@ -60,6 +60,9 @@ class BenchError(ValueError):
 LARGEST_BATCH = 0  # `--batch max`: the largest batch whose sequences the KV budget holds at once
 PROFILE_STEPS = 8  # decode steps a `--profile-context` profile records
 PROFILE_APPENDS = 5  # session appends it records after the session workload (where an append's time goes)
+# After the stream, appends of several frames (one per 100 frames streamed, at most 20): what an append costs
+# whatever its size, and what each frame adds
+MAX_GROUPED_APPENDS, FRAMES_PER_GROUPED_APPEND = 20, 8
 SESSION_PROFILE = "session-appends"
 
 
@@ -636,6 +639,16 @@ class Worker:
                 if k % 100 == 0 or k == n:
                     record()
                 _emit({"event": "measured", "workload": "session", "frames": k})
+            grouped = []
+            for _ in range(min(MAX_GROUPED_APPENDS, max(1, n // 100))):
+                t0 = time.perf_counter()
+                session.append([frame] * FRAMES_PER_GROUPED_APPEND)
+                grouped.append(time.perf_counter() - t0)
+            self.raw["session"]["grouped_appends"] = {
+                "frames_per_append": FRAMES_PER_GROUPED_APPEND, "appends": len(grouped),
+                "append_ms_p50": 1e3 * _percentile(grouped, 0.5),
+                "fps": FRAMES_PER_GROUPED_APPEND * len(grouped) / sum(grouped)}
+            self.save()
             if self.profile_dir is not None:  # after the measured stream, so the profiler does not slow it
                 profiled = []
                 self.engine.start_profile(SESSION_PROFILE)
