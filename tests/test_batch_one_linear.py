@@ -51,3 +51,32 @@ def test_the_swapped_product_is_the_linear_map(rows: int, bias: bool):
     x = torch.randn(rows, 40, generator=torch.Generator().manual_seed(rows))
     torch.testing.assert_close(layer.quant_method.apply(layer, x, layer.bias),
                                torch.nn.functional.linear(x, layer.weight, layer.bias), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_mlp_is_vllms_fused_add_norm_then_the_swiglu_mlp(rows: int, dtype: torch.dtype):
+    """The fused norm + MLP rounds as vLLM's own (native) fused add + RMSNorm: the residual stream it returns is
+    bit for bit vLLM's; the output is the SwiGLU MLP of vLLM's normed input."""
+    from types import SimpleNamespace
+
+    from vllm.ir.ops.layernorm import fused_add_rms_norm
+
+    from infinitevl_vllm.model.batch_one_linear import norm_mlp
+
+    g = torch.Generator().manual_seed(rows)
+    hidden, inter, eps = 64, 96, 1e-6
+    x, residual = torch.randn(rows, hidden, generator=g).to(dtype), torch.randn(rows, hidden, generator=g).to(dtype)
+    norm = SimpleNamespace(weight=(torch.rand(hidden, generator=g) + 0.5).to(dtype), variance_epsilon=eps)
+    gate_up_w = (torch.randn(2 * inter, hidden, generator=g) / 8).to(dtype)
+    down_w = (torch.randn(hidden, inter, generator=g) / 10).to(dtype)
+    mlp = SimpleNamespace(gate_up_proj=SimpleNamespace(weight=gate_up_w), down_proj=SimpleNamespace(weight=down_w))
+
+    out, stream = norm_mlp(norm, mlp, x, residual)
+
+    normed, want_stream = fused_add_rms_norm.impls["native"].impl_fn(x.clone(), residual.clone(), norm.weight, eps)
+    assert torch.equal(stream, want_stream)
+    gate, up = (normed.float() @ gate_up_w.float().t()).chunk(2, dim=-1)
+    want = (torch.nn.functional.silu(gate) * up) @ down_w.float().t()
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.float(), want, rtol=tol, atol=tol)

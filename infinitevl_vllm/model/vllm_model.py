@@ -76,7 +76,7 @@ from vllm.v1.attention.backends.gdn_attn import (
 
 from ..config import InfiniteVLTextConfig
 from ..vllm_patches import keep_conv_weight_layout, without_triton_allocator
-from .batch_one_linear import use_batch_one_products
+from .batch_one_linear import norm_mlp, use_batch_one_products
 from .ring_attention import RingSlidingWindowAttention
 from .step_requests import StepRequests, step_requests_of
 
@@ -314,6 +314,9 @@ class InfiniteVLDecoderLayer(nn.Module):
                             quant_config=vllm_config.quant_config, prefix=f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        # norm + MLP as two fused products at batch 1 (the products are the whole layer's on one GPU)
+        self.norm_mlp_fused = (current_platform.is_cuda() and vllm_config.quant_config is None
+                               and get_tensor_model_parallel_world_size() == 1)
 
     def forward(self, rope, hidden_states, residual):
         if residual is None:
@@ -327,6 +330,8 @@ class InfiniteVLDecoderLayer(nn.Module):
             out = torch.empty_like(hidden_states)
             self.self_attn(hidden_states, out)
             hidden_states = out
+        if self.norm_mlp_fused:
+            return norm_mlp(self.post_attention_layernorm, self.mlp, hidden_states, residual)
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         return self.mlp(hidden_states), residual
 

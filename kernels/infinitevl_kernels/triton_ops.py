@@ -14,28 +14,31 @@ import triton.language as tl
 
 
 @triton.jit
-def _rmsnorm_kernel(x_ptr, h_ptr, w_ptr, y_ptr, N, eps, stride_x, stride_h, stride_y,
+def _rmsnorm_kernel(x_ptr, h_ptr, xo_ptr, w_ptr, y_ptr, N, eps, stride_x, stride_h, stride_xo, stride_y,
                     HAS_ADD: tl.constexpr, BN: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.arange(0, BN)
     m = offs < N
     x = tl.load(x_ptr + row * stride_x + offs, mask=m, other=0.0)
-    if HAS_ADD:
-        x = x + tl.load(h_ptr + row * stride_h + offs, mask=m, other=0.0)
-        tl.store(x_ptr + row * stride_x + offs, x, mask=m)
     xf = x.to(tl.float32)
+    if HAS_ADD:  # as vLLM's fused add + norm: the sum in float32 is normed, the stream keeps it rounded
+        xf = xf + tl.load(h_ptr + row * stride_h + offs, mask=m, other=0.0).to(tl.float32)
+        tl.store(xo_ptr + row * stride_xo + offs, xf.to(x.dtype), mask=m)
     r = tl.rsqrt(tl.sum(xf * xf, 0) / N + eps)
     w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
     y = (xf * r).to(x.dtype).to(tl.float32) * w
     tl.store(y_ptr + row * stride_y + offs, y.to(y_ptr.dtype.element_ty), mask=m)
 
 
-def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, add: torch.Tensor | None = None) -> torch.Tensor:
-    """RMSNorm of rows of x [T, N]; with ``add``, first x += add in place (the residual stream)."""
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, add: torch.Tensor | None = None,
+            sum_out: torch.Tensor | None = None) -> torch.Tensor:
+    """RMSNorm of rows of x [T, N]; with ``add``, of x + add, which is first stored in ``sum_out`` (default:
+    x itself, in place: the residual stream)."""
     T, N = x.shape
     y = torch.empty_like(x)
     h = x if add is None else add
-    _rmsnorm_kernel[(T,)](x, h, weight, y, N, eps, x.stride(0), h.stride(0), y.stride(0),
+    xo = x if sum_out is None else sum_out
+    _rmsnorm_kernel[(T,)](x, h, xo, weight, y, N, eps, x.stride(0), h.stride(0), xo.stride(0), y.stride(0),
                           HAS_ADD=add is not None, BN=triton.next_power_of_2(N), num_warps=8)
     return y
 
@@ -43,6 +46,13 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, add: torch.Tensor
 def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+def add_rmsnorm_ref(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
+                    eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rmsnorm(x + h), x + h) rounded as vLLM's fused add + RMSNorm: the float32 sum is normed."""
+    s = x.float() + h.float()
+    return (s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight, s.to(x.dtype)
 
 
 @triton.jit
@@ -154,11 +164,11 @@ def _matvec_kernel(x_ptr, h_ptr, nw_ptr, xo_ptr, w_ptr, b_ptr, y_ptr, N, K, eps,
             rk = k0 + rk0
             mk = rk < K
             xv = tl.load(x_ptr + rk, mask=mk, other=0.0)
-            if HAS_ADD:
-                xv = xv + tl.load(h_ptr + rk, mask=mk, other=0.0)
-                if pid == 0:
-                    tl.store(xo_ptr + rk, xv, mask=mk)
             xf = xv.to(tl.float32)
+            if HAS_ADD:
+                xf = xf + tl.load(h_ptr + rk, mask=mk, other=0.0).to(tl.float32)
+                if pid == 0:
+                    tl.store(xo_ptr + rk, xf.to(xv.dtype), mask=mk)
             ss += xf * xf
         r = tl.rsqrt(tl.sum(ss, 0) / K + eps)
     acc = tl.zeros([BN, BK], tl.float32)
@@ -175,13 +185,12 @@ def _matvec_kernel(x_ptr, h_ptr, nw_ptr, xo_ptr, w_ptr, b_ptr, y_ptr, N, K, eps,
             u = tl.load(x_ptr + K + rk, mask=mk, other=0.0).to(tl.float32)
             xv = (g / (1.0 + tl.exp(-g)) * u).to(w.dtype).to(tl.float32)
         else:
-            xv = tl.load(x_ptr + rk, mask=mk, other=0.0)
+            xv = tl.load(x_ptr + rk, mask=mk, other=0.0).to(tl.float32)
             if PRO == 1:
                 if HAS_ADD:
-                    xv = xv + tl.load(h_ptr + rk, mask=mk, other=0.0)
+                    xv = xv + tl.load(h_ptr + rk, mask=mk, other=0.0).to(tl.float32)
                 nw = tl.load(nw_ptr + rk, mask=mk, other=0.0).to(tl.float32)
-                xv = ((xv.to(tl.float32) * r).to(w.dtype).to(tl.float32) * nw).to(w.dtype)
-            xv = xv.to(tl.float32)
+                xv = ((xv * r).to(w.dtype).to(tl.float32) * nw).to(w.dtype).to(tl.float32)
         acc += w.to(tl.float32) * xv[None, :]
     y = tl.sum(acc, 1)
     if HAS_BIAS:
@@ -201,6 +210,10 @@ def _use_matvec(x: torch.Tensor, w: torch.Tensor) -> bool:
     if (x.dim() != 2 or x.shape[0] != 1 or x.stride(-1) != 1 or w.stride(1) != 1
             or MATVEC_CONFIGS.get(tuple(w.shape), ()) is None):
         return False
+    return _triton_runs(x)
+
+
+def _triton_runs(x: torch.Tensor) -> bool:
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -282,18 +295,27 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
 
 def norm_linear(x: torch.Tensor, h: torch.Tensor | None, norm_w: torch.Tensor, eps: float, w: torch.Tensor,
                 bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """rmsnorm(x + h) @ w^T (+ bias). Returns (product, x + h): the residual stream goes on in the
-    returned tensor (at T > 1 that is x itself, updated in place; at T == 1 a new one, since every
-    program of the fused launch still reads x)."""
+    """rmsnorm(x + h) @ w^T (+ bias), and x + h: a decoder layer's residual add, norm and first product, in one
+    pass at batch 1 (each program recomputes the norm from the small input, which sits in L2). Returns (product,
+    x + h) with x + h a new tensor (x itself when h is None); x and h are left as they are. The sum is normed in
+    float32 and kept rounded, as vLLM's fused add + RMSNorm does."""
+    s = x if h is None else torch.empty_like(x)
     if _use_matvec(x, w):
-        xo = x if h is None else torch.empty_like(x)
-        return _matvec(x, w, bias, PRO_NORM, h=h, nw=norm_w, eps=eps, xo=xo), xo
-    n = rmsnorm(x, norm_w, eps, add=h)
-    return (n @ w.t() if bias is None else torch.addmm(bias, n, w.t())), x
+        return _matvec(x, w, bias, PRO_NORM, h=h, nw=norm_w, eps=eps, xo=s), s
+    if _triton_runs(x):
+        n = rmsnorm(x, norm_w, eps, add=h, sum_out=s)
+    elif h is None:
+        n = rmsnorm_ref(x, norm_w, eps)
+    else:
+        n, s = add_rmsnorm_ref(x, h, norm_w, eps)
+    return torch.nn.functional.linear(n, w, bias), s
 
 
 def silu_linear(gate_up: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up @ w^T for gate_up [T, 2K] (gate | up)."""
+    """silu(gate) * up @ w^T for gate_up [T, 2K] (gate | up): one pass at batch 1."""
     if _use_matvec(gate_up, w):
         return _matvec(gate_up, w, pro=PRO_SILU)
-    return silu_mul(gate_up) @ w.t()
+    if _triton_runs(gate_up):
+        return silu_mul(gate_up) @ w.t()
+    gate, up = gate_up.chunk(2, dim=-1)
+    return (torch.nn.functional.silu(gate.float()) * up.float()).to(gate_up.dtype) @ w.t()

@@ -32,3 +32,31 @@ def test_batch_one_product_at_4b_shapes(n: int, k: int, gpu_record):
     assert err(triton_ops.linear(x, w, bias)) <= 2 * cublas + 1e-3
     for cfg in triton_ops.MATVEC_CANDIDATES:
         assert err(triton_ops._matvec(x, w, bias, config=cfg)) <= 2 * cublas + 1e-3, cfg
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_norm_and_mlp_products_at_4b_shapes(rows: int):
+    """The MLP as the served decoder runs it on one GPU (norm folded into gate|up, SwiGLU into down): the residual
+    stream bit for bit vLLM's rounding, the output as close to a float64 MLP as cuBLAS after vLLM's norm is."""
+    from infinitevl_kernels import triton_ops
+
+    g = torch.Generator(device="cuda").manual_seed(rows)
+    hidden, inter, eps = 2048, 11008, 1e-6
+    bf = torch.bfloat16
+    x, res = (torch.randn(rows, hidden, device="cuda", generator=g).to(bf) for _ in range(2))
+    nw = (torch.rand(hidden, device="cuda", generator=g) + 0.5).to(bf)
+    w_gu = (torch.randn(2 * inter, hidden, device="cuda", generator=g) * hidden**-0.5).to(bf)
+    w_down = (torch.randn(hidden, inter, device="cuda", generator=g) * inter**-0.5).to(bf)
+    for w in (w_gu, w_down):
+        triton_ops.choose_matvec(w)
+    gu, stream = triton_ops.norm_linear(x, res, nw, eps, w_gu)
+    out = triton_ops.silu_linear(gu, w_down)
+
+    normed, want_stream = triton_ops.add_rmsnorm_ref(x, res, nw, eps)
+    assert torch.equal(stream, want_stream)
+    gate, up = (normed.double() @ w_gu.double().t()).chunk(2, dim=-1)
+    exact = (torch.nn.functional.silu(gate) * up) @ w_down.double().t()
+    cublas_gu = normed @ w_gu.t()
+    cublas = ((torch.nn.functional.silu(cublas_gu[:, :inter].float()) * cublas_gu[:, inter:].float()).to(bf)
+              @ w_down.t())
+    assert float((out.double() - exact).abs().max()) <= 2 * float((cublas.double() - exact).abs().max()) + 1e-3

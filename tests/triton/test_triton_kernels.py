@@ -225,23 +225,30 @@ def test_swa_paged_ring_smaller_than_window_is_refused():
         swa_paged_decode(q, kv, kv, cache, torch.tensor([[0, 1]]), torch.tensor([0]), 8)
 
 
+@pytest.mark.parametrize("T", [1, 3])  # one matrix-vector pass, and a norm launch + torch's product
 @pytest.mark.parametrize("N,K", [(37, 40), (16, 64)])  # ragged and even tiles
-def test_fused_matvecs_match_torch(N, K):
-    from infinitevl_kernels.triton_ops import linear, norm_linear, rmsnorm_ref, silu_linear
+def test_fused_matvecs_match_torch(N, K, T):
+    from infinitevl_kernels.triton_ops import add_rmsnorm_ref, linear, norm_linear, rmsnorm_ref, silu_linear
 
     g = torch.Generator().manual_seed(9)
-    x, h = torch.randn(1, K, generator=g), torch.randn(1, K, generator=g)
+    x, h = torch.randn(T, K, generator=g), torch.randn(T, K, generator=g)
     w, bias, nw = torch.randn(N, K, generator=g), torch.randn(N, generator=g), torch.rand(K, generator=g) + 0.5
     x0 = x.clone()
     y, x_new = norm_linear(x, h, nw, 1e-6, w, bias)
-    assert torch.equal(x, x0), "the fused pass must leave its input for the other programs"
+    assert torch.equal(x, x0), "x stays as it was (at batch 1 every program of the fused pass reads it)"
     assert rel(x_new, x0 + h) < 1e-7
     assert rel(y, rmsnorm_ref(x0 + h, nw, 1e-6) @ w.t() + bias) < 1e-5
     y, same_x = norm_linear(x, None, nw, 1e-6, w)
     assert same_x is x and rel(y, rmsnorm_ref(x, nw, 1e-6) @ w.t()) < 1e-5
     assert rel(linear(x, w), x @ w.t()) < 1e-5
-    gu = torch.randn(1, 2 * K, generator=g)
+    gu = torch.randn(T, 2 * K, generator=g)
     assert rel(silu_linear(gu, w), (torch.nn.functional.silu(gu[:, :K]) * gu[:, K:]) @ w.t()) < 1e-5
+    # bf16, rounded as vLLM's fused add + RMSNorm: the float32 sum is normed, the stream keeps it rounded
+    xb, hb, nwb, wb = x.bfloat16(), h.bfloat16(), nw.bfloat16(), w.bfloat16()
+    y, s = norm_linear(xb, hb, nwb, 1e-6, wb)
+    n_ref, s_ref = add_rmsnorm_ref(xb, hb, nwb, 1e-6)
+    torch.testing.assert_close(s.float(), s_ref.float(), rtol=2**-7, atol=0)  # the interpreter may truncate
+    assert rel(y, n_ref.float() @ wb.float().t()) < 1e-2
 
 
 def test_gated_rmsnorm_reads_the_gate_in_place_in_a_wider_projection():
