@@ -37,12 +37,12 @@ direct_register_custom_op("infinitevl_linear", _linear, fake_impl=_linear_fake)
 
 
 def _add_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                     weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return triton_ops.norm_linear(x, residual, norm_weight, eps, weight)
+                     weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    return triton_ops.norm_linear(x, residual, norm_weight, eps, weight, bias)
 
 
 def _add_norm_linear_fake(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                          weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                          weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     return x.new_empty((x.shape[0], weight.shape[0])), torch.empty_like(x)
 
 
@@ -58,15 +58,23 @@ direct_register_custom_op("infinitevl_add_norm_linear", _add_norm_linear, fake_i
 direct_register_custom_op("infinitevl_silu_linear", _silu_linear, fake_impl=_silu_linear_fake)
 
 
+def norm_linear(norm: nn.Module, linear: nn.Module, x: torch.Tensor,
+                residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM's fused residual add + ``RMSNorm`` and the linear layer after it (one GPU): one matrix-vector pass at
+    batch 1, a norm launch and the product otherwise. Returns (product, residual stream)."""
+    return torch.ops.vllm.infinitevl_add_norm_linear(x, residual, norm.weight, norm.variance_epsilon, linear.weight,
+                                                     getattr(linear, "bias", None))
+
+
 def norm_mlp(norm: nn.Module, mlp: nn.Module, x: torch.Tensor,
              residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A decoder layer's residual add + RMSNorm + SwiGLU MLP (vLLM's ``RMSNorm`` and ``Qwen2MLP``, one GPU):
     at batch 1 two matrix-vector passes with the norm and the SwiGLU folded in, saving two launches a layer;
     otherwise a norm launch, the products and a SwiGLU launch, as the compiled graph would run them.
     Returns (output, residual stream)."""
-    gate_up, residual = torch.ops.vllm.infinitevl_add_norm_linear(x, residual, norm.weight, norm.variance_epsilon,
-                                                                  mlp.gate_up_proj.weight)
+    gate_up, residual = norm_linear(norm, mlp.gate_up_proj, x, residual)
     return torch.ops.vllm.infinitevl_silu_linear(gate_up, mlp.down_proj.weight), residual
+
 
 _timed: set[tuple] = set()  # (shape, dtype) already timed in this process: layers of one shape share it
 

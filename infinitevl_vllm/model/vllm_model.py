@@ -76,7 +76,7 @@ from vllm.v1.attention.backends.gdn_attn import (
 
 from ..config import InfiniteVLTextConfig
 from ..vllm_patches import keep_conv_weight_layout, without_triton_allocator
-from .batch_one_linear import norm_mlp, use_batch_one_products
+from .batch_one_linear import norm_linear, norm_mlp, use_batch_one_products
 from .ring_attention import RingSlidingWindowAttention
 from .step_requests import StepRequests, step_requests_of
 
@@ -168,13 +168,16 @@ class InfiniteVLGatedDeltaNet(OlmoHybridGatedDeltaNetAttention):
             self.hidden_size, [self.key_dim, self.key_dim, self.value_dim, self.value_dim, heads, heads],
             bias=False, quant_config=vllm_config.quant_config, prefix=f"{prefix}.in_proj")
 
+    input_projected = False  # set by the decoder layer when it computes in_proj (with the norm before it)
+
     def _full_forward(self, hidden_states: torch.Tensor, output: torch.Tensor) -> None:
         """The parent's order (projections, core, gated norm, output projection) over the fused input
         projection; the core writes every row, so its output needs no zeroing. The gated norm reads the
-        gate where the projection put it (the parent copies it out first)."""
+        gate where the projection put it (the parent copies it out first). With ``input_projected``,
+        hidden_states is already that projection."""
         n = hidden_states.size(0)
         heads, dv = self.num_v_heads // self.tp_size, self.head_v_dim
-        proj, _ = self.in_proj(hidden_states)
+        proj = hidden_states if self.input_projected else self.in_proj(hidden_states)[0]
         mixed_qkv, gate, a, b = proj.split([self.conv_dim // self.tp_size, heads * dv, heads, heads], dim=-1)
         core = torch.empty(n, heads, dv, dtype=hidden_states.dtype, device=hidden_states.device)
         self._forward_core(mixed_qkv=mixed_qkv, b=b, a=a, core_attn_out=core)
@@ -291,6 +294,9 @@ class InfiniteVLSlidingAttention(nn.Module):
 
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], hidden_states: torch.Tensor) -> torch.Tensor:
         qkv, _ = self.qkv_proj(hidden_states)
+        return self.forward_projected(rope, qkv)
+
+    def forward_projected(self, rope: tuple[torch.Tensor, torch.Tensor], qkv: torch.Tensor) -> torch.Tensor:
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         n = q.shape[0]
         cos, sin = rope
@@ -314,11 +320,16 @@ class InfiniteVLDecoderLayer(nn.Module):
                             quant_config=vllm_config.quant_config, prefix=f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        # norm + MLP as two fused products at batch 1 (the products are the whole layer's on one GPU)
-        self.norm_mlp_fused = (current_platform.is_cuda() and vllm_config.quant_config is None
-                               and get_tensor_model_parallel_world_size() == 1)
+        # On one GPU the layer's norms fold into the products after them (batch_one_linear.py), and the GDN
+        # mixer's op receives its input projection instead of computing it
+        self.norms_in_products = (current_platform.is_cuda() and vllm_config.quant_config is None
+                                  and get_tensor_model_parallel_world_size() == 1)
+        if self.norms_in_products and not self.is_swa:
+            self.self_attn.input_projected = True
 
     def forward(self, rope, hidden_states, residual):
+        if self.norms_in_products:
+            return self._forward_norms_in_products(rope, hidden_states, residual)
         if residual is None:
             residual = hidden_states
             hidden_states = self.input_layernorm(hidden_states)
@@ -330,10 +341,21 @@ class InfiniteVLDecoderLayer(nn.Module):
             out = torch.empty_like(hidden_states)
             self.self_attn(hidden_states, out)
             hidden_states = out
-        if self.norm_mlp_fused:
-            return norm_mlp(self.post_attention_layernorm, self.mlp, hidden_states, residual)
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         return self.mlp(hidden_states), residual
+
+    def _forward_norms_in_products(self, rope, hidden_states, residual):
+        if residual is None:  # the first layer: the stream starts as its input, x + 0
+            residual = torch.zeros_like(hidden_states)
+        attn = self.self_attn
+        proj, residual = norm_linear(self.input_layernorm, attn.qkv_proj if self.is_swa else attn.in_proj,
+                                     hidden_states, residual)
+        if self.is_swa:
+            hidden_states = attn.forward_projected(rope, proj)
+        else:
+            hidden_states = torch.empty_like(residual)
+            attn(proj, hidden_states)
+        return norm_mlp(self.post_attention_layernorm, self.mlp, hidden_states, residual)
 
 
 @support_torch_compile(
