@@ -179,15 +179,15 @@ def gpu_record() -> dict[str, Any]:
 
 @contextlib.contextmanager
 def triton_compiles_recorded(into: list[str]) -> Iterator[None]:
-    """Append `module.kernel` to `into` for every Triton compilation in this process while the block runs
-    (vLLM's own JIT monitor, hooked in at start-up, still sees each)."""
+    """Append `module.kernel[specialization]` to `into` for every Triton compilation in this process while the
+    block runs (vLLM's own JIT monitor, hooked in at start-up, still sees each)."""
     from triton import knobs
 
     previous = knobs.runtime.jit_post_compile_hook
 
     def hook(**kwargs):
-        fn = kwargs.get("fn")
-        into.append(f"{getattr(getattr(fn, 'fn', None), '__module__', '?')}.{getattr(fn, 'name', '?')}")
+        fn = kwargs["fn"]  # triton.runtime.jit.JitFunctionInfo: the kernel's module name and its name
+        into.append(f"{fn.module}.{kwargs.get('repr', fn.name)}")
         return previous(**kwargs) if previous is not None else None
 
     knobs.runtime.jit_post_compile_hook = hook
