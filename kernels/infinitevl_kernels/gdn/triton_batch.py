@@ -158,7 +158,10 @@ def gdn_decode_slots(
 # -- varlen prefill -------------------------------------------------------------------------------
 
 
-@triton.jit
+# The state pool's strides are left unspecialized: the start-up compilation runs on a scratch pool, whose layout
+# (channel-major) Triton would otherwise specialize apart from the served pool's (a stride of 1 on another axis);
+# they only address the K-1 history taps, not the token rows.
+@triton.jit(do_not_specialize=["stride_sb", "stride_sc", "stride_sk"])
 def _conv_varlen_kernel(
     x_ptr, w_ptr, state_ptr, slot_ptr, init_ptr, cu_ptr, y_ptr,
     C, stride_xt, stride_sb, stride_sc, stride_sk, stride_yt,

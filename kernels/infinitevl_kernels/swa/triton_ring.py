@@ -207,7 +207,14 @@ def swa_paged_decode(
     return o
 
 
-@triton.jit
+# The block table's row stride is left unspecialized in the prefill kernels: the start-up compilation runs them on a
+# scratch table of one ring, whose row stride Triton would otherwise specialize apart from the served table's (a
+# multiple of 16 or not). It only indexes block ids; the pool's strides, which vectorized loads need, stay
+# specialized (the decode kernels are compiled on the served pool and table, by vLLM's CUDA-graph capture).
+TABLE_STRIDE = ["stride_bt"]
+
+
+@triton.jit(do_not_specialize=TABLE_STRIDE)
 def _swa_prefill_kernel(
     q_ptr, k_ptr, v_ptr, c_ptr, bt_ptr, cu_ptr, start_ptr, m_ptr, l_ptr, acc_ptr, o_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_ch, stride_ct, stride_bt,
@@ -297,7 +304,7 @@ def _swa_prefill_merge_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, T, stride_ot, stride
              (acc / tl.maximum(L, 1e-30)[:, None]).to(o_ptr.dtype.element_ty), mask=mh[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=TABLE_STRIDE)
 def _ring_write_kernel(
     k_ptr, v_ptr, c_ptr, bt_ptr, cu_ptr, start_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_ch, stride_ct, stride_bt, bs, cap,
