@@ -374,7 +374,7 @@ def test_small_run_of_every_workload_writes_every_result_and_names_the_model_tha
     assert all(q["output_tokens"] == 4 and q["answer_s"] > 0 for q in session["questions"])
     assert session["questions"][2]["tokens"] == session["questions"][0]["tokens"] + 2 * 256  # 256 a frame
     assert result["summary"]["session_fps"] == round(session["fps"], 2)
-    # then one grouped append (one per 100 frames streamed, at least one) of 8 frames
-    grouped = session["grouped_appends"]
+    # and, on a session of its own first, one grouped append (one per 100 frames streamed, at least one) of 8 frames
+    grouped = ours["raw"]["session_grouped_appends"]
     assert grouped["appends"] == 1 and grouped["frames_per_append"] == 8 and grouped["fps"] > 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -22,7 +22,8 @@ Workloads (one engine per model runs all that are asked for):
 - ``session`` (InfiniteVL only; the sessions are its feature): one live stream through a ``StreamSession``
   on the engine, ``--session-frames`` 448x448 frames appended one request each, and a question answered on
   a fork of the state at the first, middle and last frame: frames per second sustained, per-frame append
-  latency, time to answer, KV cache in use.
+  latency, time to answer, KV cache in use. Before it, on a short session of its own, appends of 8 frames
+  (what every append pays against what each frame adds) and, with ``--profile-context``, profiled appends.
 
 Floors: each model's engine records what one decode step must move through memory (``byte_floor``: the
 weights once, and per sequence its state, or its whole KV context for a Transformer) and its worker measures
@@ -59,9 +60,9 @@ class BenchError(ValueError):
 
 LARGEST_BATCH = 0  # `--batch max`: the largest batch whose sequences the KV budget holds at once
 PROFILE_STEPS = 8  # decode steps a `--profile-context` profile records
-PROFILE_APPENDS = 5  # session appends it records after the session workload (where an append's time goes)
-# After the stream, appends of several frames (one per 100 frames streamed, at most 20): what an append costs
-# whatever its size, and what each frame adds
+PROFILE_APPENDS = 5  # appends it records, before the measured stream (where an append's time goes)
+# Appends of several frames on a session of their own (one per 100 frames the stream will have, at most 20): what
+# an append costs whatever its size, and what each frame adds
 MAX_GROUPED_APPENDS, FRAMES_PER_GROUPED_APPEND = 20, 8
 SESSION_PROFILE = "session-appends"
 
@@ -604,11 +605,9 @@ class Worker:
             _emit({"event": "measured", "workload": "streaming", "frames": k})
 
     def session(self) -> None:
-        import numpy as np
-        from PIL import Image
-
         from ..serving.sessions import StreamSession
 
+        self._session_diagnostics()
         n = self.spec.session_frames
         ask_at = sorted({1, (n + 1) // 2, n})
         appends, answers = [], []
@@ -626,8 +625,7 @@ class Worker:
 
         with StreamSession(_EngineAsLLM(self.engine)) as session:
             for k in range(1, n + 1):
-                rng = np.random.default_rng(self.spec.seed * 7919 + k)
-                frame = Image.fromarray((rng.random((FRAME_SIZE, FRAME_SIZE, 3)) * 255).astype("uint8"))
+                frame = self._frame(k)
                 t0 = time.perf_counter()
                 session.append([frame])
                 appends.append(time.perf_counter() - t0)
@@ -639,17 +637,33 @@ class Worker:
                 if k % 100 == 0 or k == n:
                     record()
                 _emit({"event": "measured", "workload": "session", "frames": k})
+
+    def _frame(self, k: int):
+        import numpy as np
+        from PIL import Image
+
+        rng = np.random.default_rng(self.spec.seed * 7919 + k)
+        return Image.fromarray((rng.random((FRAME_SIZE, FRAME_SIZE, 3)) * 255).astype("uint8"))
+
+    def _session_diagnostics(self) -> None:
+        """Before the measured stream, on a short session of its own (so a long stream cut short still has them):
+        grouped appends, and with ``--profile-context`` appends under the profiler (where an append's time goes)."""
+        from ..serving.sessions import StreamSession
+
+        frame = self._frame(0)
+        with StreamSession(_EngineAsLLM(self.engine)) as session:
+            session.append([frame])  # its first append may still warm something up
             grouped = []
-            for _ in range(min(MAX_GROUPED_APPENDS, max(1, n // 100))):
+            for _ in range(min(MAX_GROUPED_APPENDS, max(1, self.spec.session_frames // 100))):
                 t0 = time.perf_counter()
                 session.append([frame] * FRAMES_PER_GROUPED_APPEND)
                 grouped.append(time.perf_counter() - t0)
-            self.raw["session"]["grouped_appends"] = {
+            self.raw["session_grouped_appends"] = {
                 "frames_per_append": FRAMES_PER_GROUPED_APPEND, "appends": len(grouped),
                 "append_ms_p50": 1e3 * _percentile(grouped, 0.5),
                 "fps": FRAMES_PER_GROUPED_APPEND * len(grouped) / sum(grouped)}
             self.save()
-            if self.profile_dir is not None:  # after the measured stream, so the profiler does not slow it
+            if self.profile_dir is not None:
                 profiled = []
                 self.engine.start_profile(SESSION_PROFILE)
                 for _ in range(PROFILE_APPENDS):
