@@ -7,7 +7,8 @@ timed both ways on the GPU at hand and the faster one is kept, so this can only 
 
 The layers stay vLLM's: only their ``quant_method`` (vLLM's seam for how a linear layer multiplies) is
 swapped for one whose product is a custom op, which torch.compile and CUDA graphs treat as one opaque call
-(its batch-1 branch is taken when a graph of batch 1 is captured).
+(its batch-1 branch is taken when a graph of batch 1 is captured). On one GPU the decoder layer also calls
+``norm_linear`` and ``norm_mlp``, which fold each RMSNorm (and SwiGLU) into the product after it.
 """
 
 from __future__ import annotations
@@ -90,28 +91,23 @@ def _choose(layer: nn.Module) -> None:
                 result["uses"], result["us"])
 
 
-def _apply(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.vllm.infinitevl_linear(x, layer.weight, bias)
+class _BatchOneProduct:
+    """vLLM's unquantized method (the next class in the MRO), with its product as ``infinitevl_linear``."""
 
-
-class BatchOneLinearMethod(UnquantizedLinearMethod):
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         super().process_weights_after_loading(layer)
         _choose(layer)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return _apply(layer, x, bias)
+        return torch.ops.vllm.infinitevl_linear(x, layer.weight, bias)
 
 
-class BatchOneHeadMethod(UnquantizedEmbeddingMethod):
+class BatchOneLinearMethod(_BatchOneProduct, UnquantizedLinearMethod):
+    pass
+
+
+class BatchOneHeadMethod(_BatchOneProduct, UnquantizedEmbeddingMethod):
     """The LM head's product; its embedding lookup stays vLLM's."""
-
-    def process_weights_after_loading(self, layer: nn.Module) -> None:
-        super().process_weights_after_loading(layer)
-        _choose(layer)
-
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return _apply(layer, x, bias)
 
 
 def use_batch_one_products(layers: Iterable[nn.Module], lm_head: nn.Module) -> None:
