@@ -31,7 +31,7 @@ PARTS = [
     ("runner._prepare_inputs", "v1/worker/gpu_model_runner.py", "_prepare_inputs"),
     ("runner._build_attention_metadata", "v1/worker/gpu_model_runner.py", "_build_attention_metadata"),
     ("  ring metadata builder (ours)", "infinitevl_vllm/model/ring_attention.py", "build"),
-    ("  GDN metadata builders (ours over vLLM's)", "infinitevl_vllm/model/vllm_model.py", "build"),
+    ("  GDN metadata builders (vLLM's, under our subclass)", "infinitevl_vllm/model/vllm_model.py", "build"),
     ("sessions hooks (ours)", "infinitevl_vllm/serving/sessions_worker.py", "before_step"),
     ("model forward (CPU compute here)", "v1/worker/gpu_model_runner.py", "_model_forward"),
     ("logits (CPU compute here)", "infinitevl_vllm/model/vllm_model.py", "compute_logits"),
