@@ -48,7 +48,15 @@ def _ring_shape(cache: torch.Tensor, block_table: torch.Tensor, head_dim: int, w
     return bs, cap
 
 
-@triton.jit
+# The block table's row stride is left unspecialized: the start-up compilation (warm_up_ring) runs the kernels on a
+# scratch table of one ring, whose row stride Triton would otherwise specialize apart from the served table's (a
+# multiple of 16 or not), and a served batch would compile its variant again (a mixed batch's decodes run outside
+# the captured graphs, at any batch size). It only indexes block ids; the pool's strides, which vectorized loads
+# need, stay specialized.
+TABLE_STRIDE = ["stride_bt"]
+
+
+@triton.jit(do_not_specialize=TABLE_STRIDE)
 def _swa_decode_split_kernel(
     q_ptr, kn_ptr, vn_ptr, c_ptr, bt_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, o_ptr,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_cb, stride_ch, stride_ct, stride_bt,
@@ -205,13 +213,6 @@ def swa_paged_decode(
         _swa_decode_merge_kernel[(B, Hkv, D // DB)](m, lsum, acc, o, o.stride(0), o.stride(1),
                                                     NSPLIT=nsplit, G=G, GP=GP, D=D, DB=DB, num_warps=4)
     return o
-
-
-# The block table's row stride is left unspecialized in the prefill kernels: the start-up compilation runs them on a
-# scratch table of one ring, whose row stride Triton would otherwise specialize apart from the served table's (a
-# multiple of 16 or not). It only indexes block ids; the pool's strides, which vectorized loads need, stay
-# specialized (the decode kernels are compiled on the served pool and table, by vLLM's CUDA-graph capture).
-TABLE_STRIDE = ["stride_bt"]
 
 
 @triton.jit(do_not_specialize=TABLE_STRIDE)
