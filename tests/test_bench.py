@@ -377,4 +377,5 @@ def test_small_run_of_every_workload_writes_every_result_and_names_the_model_tha
     # and, on a session of its own first, one grouped append (one per 100 frames streamed, at least one) of 8 frames
     grouped = ours["raw"]["session_grouped_appends"]
     assert grouped["appends"] == 1 and grouped["frames_per_append"] == 8 and grouped["fps"] > 0
+    assert result["summary"][ours["name"]]["session_grouped_appends"]["fps"] == round(grouped["fps"], 2)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

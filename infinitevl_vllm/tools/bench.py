@@ -949,6 +949,9 @@ def summarize(models: list[dict]) -> dict:
                 "ttft_s_first_last": [round(st[0]["ttft_s"], 3), round(st[-1]["ttft_s"], 3)],
                 "kv_cache_used_mib_first_last": [round(st[0]["kv_cache_used_bytes"] / 2**20, 1),
                                                  round(st[-1]["kv_cache_used_bytes"] / 2**20, 1)]}
+        grouped = m["raw"].get("session_grouped_appends")
+        if grouped:
+            s["session_grouped_appends"] = {k: round(v, 2) for k, v in grouped.items()}
         for name, prof in m["raw"].get("profile", {}).items():
             if name == SESSION_PROFILE:  # is an append's time on the GPU, or on the host?
                 per_append = prof["steps"] / prof["appends"]
