@@ -6,6 +6,7 @@ be several times that, and each launch costs microseconds even inside a CUDA gra
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import torch
@@ -275,8 +276,8 @@ def choose_matvec(w: torch.Tensor, bias: torch.Tensor | None = None,
     calls = max(16, copies)
 
     def rotating(run):
-        turn = iter(range(1 << 30))
-        return lambda: run(ws[next(turn) % copies])
+        weights = itertools.cycle(ws)
+        return lambda: run(next(weights))
 
     timed = {"cublas": _graph_us(rotating(lambda wi: torch.nn.functional.linear(x, wi, bias)), calls)}
     for cfg in candidates:
