@@ -34,10 +34,36 @@ def _engine_config_rules():
             _fix_state_block_size(vllm_config)
             _default_cpu_state_budget(vllm_config)
             _max_num_seqs_within_budget(vllm_config)
+            _graphs_for_frames(vllm_config)
             _use_v1_model_runner()
             _sessions_worker_extension(vllm_config)
 
     return InfiniteVLEngineConfig
+
+
+PREFILL_GRAPH_TOKENS = 512  # vLLM's own ceiling on an H100/H200, whatever max_num_seqs is
+
+
+def _graphs_for_frames(vllm_config) -> None:
+    """On CUDA with vLLM's compilation on, run a frame's work in CUDA graphs: the vision tower compiled and
+    graphed (vLLM's `compile_mm_encoder` and `cudagraph_mm_encoder`, off by default), and the decoder's pieces
+    graphed up to 512 tokens even when the state budget keeps max_num_seqs low (vLLM caps its capture sizes at
+    twice max_num_seqs: 54 slots left a frame's 266 tokens eager). A session append is otherwise launch-bound:
+    on an H200 one frame took 128 ms for 16 ms of kernels, and 96 ms with these (docs/gpu.md). Applies when the
+    user left both encoder switches off and set no capture sizes; a user's own settings are kept."""
+    from vllm.config import CompilationMode
+    from vllm.platforms import current_platform
+
+    comp = vllm_config.compilation_config
+    if (not current_platform.is_cuda() or vllm_config.model_config.enforce_eager
+            or comp.mode not in (None, CompilationMode.VLLM_COMPILE)):  # None: vLLM resolves it later, to compile
+        return
+    if not (comp.compile_mm_encoder or comp.cudagraph_mm_encoder):
+        comp.compile_mm_encoder = comp.cudagraph_mm_encoder = True
+        logger.info("InfiniteVL: the vision tower runs compiled and in CUDA graphs (compile_mm_encoder, "
+                    "cudagraph_mm_encoder)")
+    if comp.max_cudagraph_capture_size is None and comp.cudagraph_capture_sizes is None:
+        comp.max_cudagraph_capture_size = PREFILL_GRAPH_TOKENS
 
 
 def _use_v1_model_runner() -> None:

@@ -242,6 +242,18 @@ def test_the_summary_sets_a_session_appends_wall_time_beside_its_gpu_time():
     assert list(s["decode_profile"]) == ["decode-b1-c16384"]
 
 
+def test_a_session_stream_is_sent_in_appends_cut_where_a_question_is_due():
+    from infinitevl_vllm.tools.bench import session_append_sizes, session_questions_at
+
+    assert session_questions_at(2000) == [1, 1000, 2000]
+    sizes = session_append_sizes(2000, 8, [1, 1000, 2000])
+    assert sum(sizes) == 2000 and max(sizes) == 8 and sizes[0] == 1
+    ends = {sum(sizes[:i + 1]) for i in range(len(sizes))}
+    assert {1, 1000, 2000} <= ends and len(sizes) == 1 + 125 + 125  # 1, then 1..1000 and 1000..2000 in eights
+    assert session_append_sizes(3, 1, [1, 2, 3]) == [1, 1, 1]
+    assert session_append_sizes(5, 8, [1, 3, 5]) == [1, 2, 2]
+
+
 def test_profiling_is_refused_without_a_gpu(tiny_ckpt, monkeypatch):
     import torch
 
@@ -312,7 +324,7 @@ def test_small_run_of_every_workload_writes_every_result_and_names_the_model_tha
     spec = BenchSpec(models=[str(tiny_ckpt), str(twin_ckpt), str(broken)],
                      workloads=["decode-vs-context", "throughput", "streaming", "session"],
                      contexts=[64, 300], batches=[1, 2, LARGEST_BATCH], throughput_contexts=[100], frames=2,
-                     gen_tokens=4, kv_cache_gib=0.5, max_batch=3, session_frames=3)
+                     gen_tokens=4, kv_cache_gib=0.5, max_batch=3, session_frames=5, session_append_frames=2)
     out, png = tmp_path / "r.json", tmp_path / "r.png"
     with pytest.raises(BenchError, match=r"broken-twin: the engine run failed .* \(what was measured is in .*r.json\)"):
         run_bench(spec, out, png, note="test", quiet=True)
@@ -366,16 +378,18 @@ def test_small_run_of_every_workload_writes_every_result_and_names_the_model_tha
         assert m["engine"]["enforce_eager"] is True and m["copy_bandwidth"]["bytes_per_s"] > 1e8
         rows = result["summary"][m["name"]]["decode_vs_context"]
         assert all(0 < r["floor_ms"] and r["itl_p50_over_floor"] > 1 for r in rows.values())
-    # the live session (InfiniteVL's feature; the Transformer has none): 3 frames, questions at 1, 2 and 3
+    # the live session (InfiniteVL's feature; the Transformer has none): 5 frames in appends of 1, 2 and 2 (two a
+    # time, cut where a question is due), questions at 1, 3 and 5
     session = ours["raw"]["session"]
     assert "session" not in twin["raw"]
-    assert session["frames"] == 3 and session["fps"] > 0 and session["append_ms_p50"] > 0
-    assert [q["frames"] for q in session["questions"]] == [1, 2, 3]
+    assert session["frames"] == 5 and session["appends"] == 3 and session["frames_per_append"] == 2
+    assert session["fps"] > 0 and session["append_ms_p50"] > 0
+    assert [q["frames"] for q in session["questions"]] == [1, 3, 5]
     assert all(q["output_tokens"] == 4 and q["answer_s"] > 0 for q in session["questions"])
-    assert session["questions"][2]["tokens"] == session["questions"][0]["tokens"] + 2 * 256  # 256 a frame
+    assert session["questions"][2]["tokens"] == session["questions"][0]["tokens"] + 4 * 256  # 256 a frame
     assert result["summary"]["session_fps"] == round(session["fps"], 2)
-    # and, on a session of its own first, one grouped append (one per 100 frames streamed, at least one) of 8 frames
-    grouped = ours["raw"]["session_grouped_appends"]
-    assert grouped["appends"] == 1 and grouped["frames_per_append"] == 8 and grouped["fps"] > 0
-    assert result["summary"][ours["name"]]["session_grouped_appends"]["fps"] == round(grouped["fps"], 2)
+    # and, on a session of its own first, one append of one frame (one per 100 frames streamed, at least one)
+    single = ours["raw"]["session_single_frame_appends"]
+    assert single["appends"] == 1 and single["fps"] > 0
+    assert result["summary"][ours["name"]]["session_single_frame_appends"]["fps"] == round(single["fps"], 2)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

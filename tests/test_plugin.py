@@ -83,3 +83,34 @@ def test_max_num_seqs_is_lowered_to_the_sequences_a_fixed_budget_holds(tiny_ckpt
     assert config.scheduler_config.max_num_seqs == (40 << 20) // per_seq < 256
     with pytest.raises(ValueError, match=r"kv_cache_memory_bytes=1048576 holds no sequence; one sequence's state"):
         EngineArgs(model=str(tiny_ckpt), kv_cache_memory_bytes=1 << 20).create_engine_config()
+
+
+def test_on_cuda_a_frames_work_runs_in_cuda_graphs_unless_the_user_chose(monkeypatch, tiny_ckpt):
+    """A session append was launch-bound on an H200 (128 ms for 16 ms of kernels): with vLLM's compilation on,
+    the vision tower is compiled and graphed and the decoder graphed up to 512 tokens. A user's own choices stay,
+    eager stays eager, and the CPU backend is left alone."""
+    from types import SimpleNamespace
+
+    from vllm import EngineArgs
+    from vllm.config import CompilationConfig, CompilationMode
+    from vllm.platforms import current_platform
+
+    from infinitevl_vllm.plugin import PREFILL_GRAPH_TOKENS, _graphs_for_frames
+
+    def rule(eager: bool = False, **comp):
+        config = SimpleNamespace(compilation_config=CompilationConfig(**comp),
+                                 model_config=SimpleNamespace(enforce_eager=eager))
+        _graphs_for_frames(config)
+        c = config.compilation_config
+        return c.compile_mm_encoder, c.cudagraph_mm_encoder, c.max_cudagraph_capture_size
+
+    cpu = EngineArgs(model=str(tiny_ckpt)).create_engine_config().compilation_config
+    assert not cpu.compile_mm_encoder and not cpu.cudagraph_mm_encoder
+    monkeypatch.setattr(type(current_platform), "is_cuda", lambda self=None: True)
+    assert rule() == (True, True, PREFILL_GRAPH_TOKENS) == (True, True, 512)
+    assert rule(mode=CompilationMode.VLLM_COMPILE) == (True, True, 512)
+    assert rule(eager=True) == (False, False, None)
+    assert rule(mode=CompilationMode.NONE) == (False, False, None)
+    assert rule(cudagraph_mm_encoder=True) == (False, True, 512)  # the user's half-choice is kept
+    assert rule(max_cudagraph_capture_size=64)[2] == 64
+    assert rule(cudagraph_capture_sizes=[1, 2, 4])[2] is None

@@ -20,10 +20,11 @@ Workloads (one engine per model runs all that are asked for):
   as the stream grows. vLLM serves each step as a new request (prefix caching is off for every model,
   as InfiniteVL's plugin refuses it), so TTFT includes re-reading the stream.
 - ``session`` (InfiniteVL only; the sessions are its feature): one live stream through a ``StreamSession``
-  on the engine, ``--session-frames`` 448x448 frames appended one request each, and a question answered on
-  a fork of the state at the first, middle and last frame: frames per second sustained, per-frame append
-  latency, time to answer, KV cache in use. Before it, on a short session of its own, appends of 8 frames
-  (what every append pays against what each frame adds) and, with ``--profile-context``, profiled appends.
+  on the engine, ``--session-frames`` 448x448 frames sent as a live client sends them, ``--session-append-frames``
+  frames an append (a 60 fps source buffers 8 frames, 133 ms of video, per append), and a question answered on
+  a fork of the state at the first, middle and last frame (an append ends there): frames per second sustained,
+  append latency, time to answer, KV cache in use. Before it, on a short session of its own, appends of one frame
+  each (what every append pays, against what each frame adds) and, with ``--profile-context``, profiled appends.
 
 Floors: each model's engine records what one decode step must move through memory (``byte_floor``: the
 weights once, and per sequence its state, or its whole KV context for a Transformer) and its worker measures
@@ -61,9 +62,9 @@ class BenchError(ValueError):
 LARGEST_BATCH = 0  # `--batch max`: the largest batch whose sequences the KV budget holds at once
 PROFILE_STEPS = 8  # decode steps a `--profile-context` profile records
 PROFILE_APPENDS = 5  # appends it records, before the measured stream (where an append's time goes)
-# Appends of several frames on a session of their own (one per 100 frames the stream will have, at most 20): what
-# an append costs whatever its size, and what each frame adds
-MAX_GROUPED_APPENDS, FRAMES_PER_GROUPED_APPEND = 20, 8
+# Appends of one frame on a session of their own (one per 100 frames the stream will have, at most 20): beside the
+# stream's appends, what an append costs whatever its size, and what each frame adds
+MAX_SINGLE_FRAME_APPENDS = 20
 SESSION_PROFILE = "session-appends"
 
 
@@ -106,6 +107,7 @@ class BenchSpec:
     seed: int = 0
     max_batch: int = 1024  # the most sequences `--batch max` runs at once (the engine's max_num_seqs then)
     session_frames: int = 2000
+    session_append_frames: int = 8  # frames a session append carries (a live source buffers them)
     profile_context: int | None = None  # profile InfiniteVL's decode step after prompts of this length
 
 
@@ -220,9 +222,9 @@ def check_spec(spec: BenchSpec) -> list[ModelInfo]:
                          ("--throughput-contexts", spec.throughput_contexts)):
         if not values:
             raise BenchError(f"{name} is empty")
-    if spec.frames < 1 or spec.gen_tokens < 2 or spec.session_frames < 1:
-        raise BenchError("--frames and --session-frames must be at least 1 and --gen-tokens at least 2 (latency "
-                         "needs two tokens)")
+    if spec.frames < 1 or spec.gen_tokens < 2 or spec.session_frames < 1 or spec.session_append_frames < 1:
+        raise BenchError("--frames, --session-frames and --session-append-frames must be at least 1 and --gen-tokens "
+                         "at least 2 (latency needs two tokens)")
     if spec.kv_cache_gib <= 0:
         raise BenchError("--kv-cache-gib must be positive")
     if spec.max_batch < 1:
@@ -275,7 +277,8 @@ def progress_steps(spec: BenchSpec, info: ModelInfo) -> int:
     if "streaming" in spec.workloads:
         n += spec.frames
     if "session" in spec.workloads and info.kind == "infinitevl":
-        n += spec.session_frames
+        n += len(session_append_sizes(spec.session_frames, spec.session_append_frames,
+                                      session_questions_at(spec.session_frames)))
     if spec.profile_context and info.kind == "infinitevl":
         n += 2 if "throughput" in spec.workloads else 1
     return n
@@ -386,6 +389,22 @@ class _EngineStats:
                 pass
 
         return Recorder
+
+
+def session_questions_at(frames: int) -> list[int]:
+    """The stream's questions: at its first frame, its middle and its last."""
+    return sorted({1, (frames + 1) // 2, frames})
+
+
+def session_append_sizes(frames: int, per_append: int, ends: list[int]) -> list[int]:
+    """Frames per append: `per_append` at a time, an append cut short where the stream has a question (so it
+    is asked after exactly that many frames)."""
+    sizes, done = [], 0
+    for end in sorted(set(ends) | {frames}):
+        while done < end:
+            sizes.append(min(per_append, end - done))
+            done += sizes[-1]
+    return sizes
 
 
 def _percentile(xs: list[float], q: float) -> float:
@@ -609,32 +628,37 @@ class Worker:
 
         self._session_diagnostics()
         n = self.spec.session_frames
-        ask_at = sorted({1, (n + 1) // 2, n})
+        ask_at = session_questions_at(n)
         appends, answers = [], []
         self.stats.clear()
         self.memory.reset()
         budget = self.spec.kv_cache_gib * 2**30
 
         def record() -> None:  # every 100 frames too: a long stream that breaks keeps what it sustained
+            done = sum(size for size, _ in appends)
+            walls = [t for _, t in appends]
             self.raw["session"] = {
-                "frames": len(appends), "fps": len(appends) / sum(appends),
-                "append_ms_p50": 1e3 * _percentile(appends, 0.5), "append_ms_p90": 1e3 * _percentile(appends, 0.9),
-                "append_ms_max": 1e3 * max(appends), "questions": answers,
+                "frames": done, "frames_per_append": self.spec.session_append_frames, "appends": len(appends),
+                "fps": done / sum(walls),
+                "append_ms_p50": 1e3 * _percentile(walls, 0.5), "append_ms_p90": 1e3 * _percentile(walls, 0.9),
+                "append_ms_max": 1e3 * max(walls), "questions": answers,
                 "kv_cache_used_bytes": int(self.stats.kv_usage * budget), **self.memory.peaks()}
             self.save()
 
+        k = 0
         with StreamSession(_EngineAsLLM(self.engine)) as session:
-            for k in range(1, n + 1):
-                frame = self._frame(k)
+            for size in session_append_sizes(n, self.spec.session_append_frames, ask_at):
+                frames = [self._frame(k + 1 + i) for i in range(size)]
                 t0 = time.perf_counter()
-                session.append([frame])
-                appends.append(time.perf_counter() - t0)
+                session.append(frames)
+                appends.append((size, time.perf_counter() - t0))
+                k += size
                 if k in ask_at:
                     t0 = time.perf_counter()
                     out = session.ask("What is happening now?", self.sampling)
                     answers.append({"frames": k, "answer_s": time.perf_counter() - t0,
                                     "output_tokens": len(out.outputs[0].token_ids), **session.info()})
-                if k % 100 == 0 or k == n:
+                if k // 100 > (k - size) // 100 or k == n:
                     record()
                 _emit({"event": "measured", "workload": "session", "frames": k})
 
@@ -647,33 +671,35 @@ class Worker:
 
     def _session_diagnostics(self) -> None:
         """Before the measured stream, on a short session of its own (so a long stream cut short still has them):
-        grouped appends, and with ``--profile-context`` appends under the profiler (where an append's time goes)."""
+        appends of one frame, and with ``--profile-context`` appends of the stream's size under the profiler (where
+        an append's time goes)."""
         from ..serving.sessions import StreamSession
 
-        frame = self._frame(0)
         with StreamSession(_EngineAsLLM(self.engine)) as session:
-            session.append([frame])  # its first append may still warm something up
-            grouped = []
-            for _ in range(min(MAX_GROUPED_APPENDS, max(1, self.spec.session_frames // 100))):
+            session.append([self._frame(-1)])  # its first append may still warm something up
+            single = []
+            for i in range(min(MAX_SINGLE_FRAME_APPENDS, max(1, self.spec.session_frames // 100))):
+                frame = self._frame(-2 - i)
                 t0 = time.perf_counter()
-                session.append([frame] * FRAMES_PER_GROUPED_APPEND)
-                grouped.append(time.perf_counter() - t0)
-            self.raw["session_grouped_appends"] = {
-                "frames_per_append": FRAMES_PER_GROUPED_APPEND, "appends": len(grouped),
-                "append_ms_p50": 1e3 * _percentile(grouped, 0.5),
-                "fps": FRAMES_PER_GROUPED_APPEND * len(grouped) / sum(grouped)}
+                session.append([frame])
+                single.append(time.perf_counter() - t0)
+            self.raw["session_single_frame_appends"] = {
+                "appends": len(single), "append_ms_p50": 1e3 * _percentile(single, 0.5),
+                "fps": len(single) / sum(single)}
             self.save()
             if self.profile_dir is not None:
+                size = min(self.spec.session_append_frames, self.spec.session_frames)
+                groups = [[self._frame(-100 - size * a - i) for i in range(size)] for a in range(PROFILE_APPENDS)]
                 profiled = []
                 self.engine.start_profile(SESSION_PROFILE)
-                for _ in range(PROFILE_APPENDS):
+                for frames in groups:
                     t0 = time.perf_counter()
-                    session.append([frame])
+                    session.append(frames)
                     profiled.append(round(1e3 * (time.perf_counter() - t0), 2))
                 self.engine.stop_profile()
                 prof = kernel_profile(self.profile_dir, SESSION_PROFILE)
                 self.raw.setdefault("profile", {})[SESSION_PROFILE] = {
-                    "appends": PROFILE_APPENDS, "append_ms": profiled, **prof}
+                    "appends": PROFILE_APPENDS, "frames_per_append": size, "append_ms": profiled, **prof}
                 self.save()
 
     def profile(self) -> None:
@@ -949,9 +975,9 @@ def summarize(models: list[dict]) -> dict:
                 "ttft_s_first_last": [round(st[0]["ttft_s"], 3), round(st[-1]["ttft_s"], 3)],
                 "kv_cache_used_mib_first_last": [round(st[0]["kv_cache_used_bytes"] / 2**20, 1),
                                                  round(st[-1]["kv_cache_used_bytes"] / 2**20, 1)]}
-        grouped = m["raw"].get("session_grouped_appends")
-        if grouped:
-            s["session_grouped_appends"] = {k: round(v, 2) for k, v in grouped.items()}
+        single = m["raw"].get("session_single_frame_appends")
+        if single:
+            s["session_single_frame_appends"] = {k: round(v, 2) for k, v in single.items()}
         for name, prof in m["raw"].get("profile", {}).items():
             if name == SESSION_PROFILE:  # is an append's time on the GPU, or on the host?
                 per_append = prof["steps"] / prof["appends"]
@@ -1096,6 +1122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--throughput-contexts", default="1k", help="throughput prompt lengths")
     p.add_argument("--frames", type=int, default=16, help="streaming: frames in the stream")
     p.add_argument("--session-frames", type=int, default=2000, help="session: frames appended to the live stream")
+    p.add_argument("--session-append-frames", type=int, default=8,
+                   help="session: frames an append carries (a live source at 60 fps buffers 8 in 133 ms)")
     p.add_argument("--gen-tokens", type=int, default=32, help="tokens decoded per request")
     p.add_argument("--kv-cache-gib", type=float, default=2.0,
                    help="the KV-cache budget every model gets (vLLM's kv_cache_memory_bytes)")
@@ -1122,7 +1150,8 @@ def spec_from_args(a: argparse.Namespace) -> BenchSpec:
                      gen_tokens=a.gen_tokens, kv_cache_gib=a.kv_cache_gib, dtype=a.dtype,
                      enforce_eager={"auto": None, "on": False, "off": True}[a.compile],
                      max_num_batched_tokens=a.max_num_batched_tokens, seed=a.seed, max_batch=a.max_batch,
-                     session_frames=a.session_frames, profile_context=a.profile_context)
+                     session_frames=a.session_frames, session_append_frames=a.session_append_frames,
+                     profile_context=a.profile_context)
 
 
 def exit_cleanly_on_sigterm() -> None:
