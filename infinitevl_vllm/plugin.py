@@ -58,12 +58,26 @@ def _graphs_for_frames(vllm_config) -> None:
     if (not current_platform.is_cuda() or vllm_config.model_config.enforce_eager
             or comp.mode not in (None, CompilationMode.VLLM_COMPILE)):  # None: vLLM resolves it later, to compile
         return
-    if not (comp.compile_mm_encoder or comp.cudagraph_mm_encoder):
+    if not (comp.compile_mm_encoder or comp.cudagraph_mm_encoder) and _vision_attention_graphable(vllm_config):
         comp.compile_mm_encoder = comp.cudagraph_mm_encoder = True
         logger.info("InfiniteVL: the vision tower runs compiled and in CUDA graphs (compile_mm_encoder, "
                     "cudagraph_mm_encoder)")
     if comp.max_cudagraph_capture_size is None and comp.cudagraph_capture_sizes is None:
         comp.max_cudagraph_capture_size = PREFILL_GRAPH_TOKENS
+
+
+def _vision_attention_graphable(vllm_config) -> bool:
+    """Whether the vision tower's attention, as vLLM will choose it, can be captured: not torch SDPA (vLLM's choice
+    for float32, where FlashAttention has no kernel), which splits the batch by a host copy of its sequence
+    lengths and so fails inside a CUDA graph."""
+    from vllm.platforms import current_platform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    model = vllm_config.model_config
+    vision = model.hf_config.vision_config
+    chosen = current_platform.get_vit_attn_backend(vision.hidden_size // vision.num_heads, model.dtype,
+                                                   model.multimodal_config.mm_encoder_attn_backend)
+    return chosen != AttentionBackendEnum.TORCH_SDPA
 
 
 def _use_v1_model_runner() -> None:

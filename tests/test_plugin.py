@@ -88,14 +88,16 @@ def test_max_num_seqs_is_lowered_to_the_sequences_a_fixed_budget_holds(tiny_ckpt
 def test_on_cuda_a_frames_work_runs_in_cuda_graphs_unless_the_user_chose(monkeypatch, tiny_ckpt):
     """A session append was launch-bound on an H200 (128 ms for 16 ms of kernels): with vLLM's compilation on,
     the vision tower is compiled and graphed and the decoder graphed up to 512 tokens. A user's own choices stay,
-    eager stays eager, and the CPU backend is left alone."""
+    eager stays eager, a vision attention that cannot be captured (torch SDPA: float32) keeps the tower eager, and
+    the CPU backend is left alone."""
     from types import SimpleNamespace
 
     from vllm import EngineArgs
     from vllm.config import CompilationConfig, CompilationMode
     from vllm.platforms import current_platform
 
-    from infinitevl_vllm.plugin import PREFILL_GRAPH_TOKENS, _graphs_for_frames
+    from infinitevl_vllm import plugin
+    from infinitevl_vllm.plugin import PREFILL_GRAPH_TOKENS, _graphs_for_frames, _vision_attention_graphable
 
     def rule(eager: bool = False, **comp):
         config = SimpleNamespace(compilation_config=CompilationConfig(**comp),
@@ -104,8 +106,11 @@ def test_on_cuda_a_frames_work_runs_in_cuda_graphs_unless_the_user_chose(monkeyp
         c = config.compilation_config
         return c.compile_mm_encoder, c.cudagraph_mm_encoder, c.max_cudagraph_capture_size
 
-    cpu = EngineArgs(model=str(tiny_ckpt)).create_engine_config().compilation_config
-    assert not cpu.compile_mm_encoder and not cpu.cudagraph_mm_encoder
+    cpu = EngineArgs(model=str(tiny_ckpt)).create_engine_config()
+    assert not cpu.compilation_config.compile_mm_encoder and not cpu.compilation_config.cudagraph_mm_encoder
+    assert not _vision_attention_graphable(cpu)  # vLLM's choice here is torch SDPA
+    graphable = True
+    monkeypatch.setattr(plugin, "_vision_attention_graphable", lambda config: graphable)
     monkeypatch.setattr(type(current_platform), "is_cuda", lambda self=None: True)
     assert rule() == (True, True, PREFILL_GRAPH_TOKENS) == (True, True, 512)
     assert rule(mode=CompilationMode.VLLM_COMPILE) == (True, True, 512)
@@ -114,3 +119,5 @@ def test_on_cuda_a_frames_work_runs_in_cuda_graphs_unless_the_user_chose(monkeyp
     assert rule(cudagraph_mm_encoder=True) == (False, True, 512)  # the user's half-choice is kept
     assert rule(max_cudagraph_capture_size=64)[2] == 64
     assert rule(cudagraph_capture_sizes=[1, 2, 4])[2] is None
+    graphable = False
+    assert rule() == (False, False, 512)

@@ -675,11 +675,12 @@ class Worker:
         an append's time goes)."""
         from ..serving.sessions import StreamSession
 
+        other = iter(range(10**6, 2 * 10**6))  # frames of their own, none of the stream's
         with StreamSession(_EngineAsLLM(self.engine)) as session:
-            session.append([self._frame(-1)])  # its first append may still warm something up
+            session.append([self._frame(next(other))])  # its first append may still warm something up
             single = []
-            for i in range(min(MAX_SINGLE_FRAME_APPENDS, max(1, self.spec.session_frames // 100))):
-                frame = self._frame(-2 - i)
+            for _ in range(min(MAX_SINGLE_FRAME_APPENDS, max(1, self.spec.session_frames // 100))):
+                frame = self._frame(next(other))
                 t0 = time.perf_counter()
                 session.append([frame])
                 single.append(time.perf_counter() - t0)
@@ -689,7 +690,7 @@ class Worker:
             self.save()
             if self.profile_dir is not None:
                 size = min(self.spec.session_append_frames, self.spec.session_frames)
-                groups = [[self._frame(-100 - size * a - i) for i in range(size)] for a in range(PROFILE_APPENDS)]
+                groups = [[self._frame(next(other)) for _ in range(size)] for _ in range(PROFILE_APPENDS)]
                 profiled = []
                 self.engine.start_profile(SESSION_PROFILE)
                 for frames in groups:
