@@ -438,8 +438,10 @@ class Worker:
             max_num_seqs=spec.max_batch if LARGEST_BATCH in spec.batches else max(spec.batches),
             max_num_batched_tokens=spec.max_num_batched_tokens, enable_prefix_caching=False,
             kv_cache_memory_bytes=int(spec.kv_cache_gib * 2**30), disable_log_stats=False,
+            # a session append is one request (StreamSession splits by this limit): as many images as it carries
             limit_mm_per_prompt={"image": max(spec.frames if "streaming" in spec.workloads else 0,
-                                              4 if "session" in spec.workloads else 0), "video": 0},
+                                              spec.session_append_frames if "session" in spec.workloads else 0),
+                                 "video": 0},
         )
         self.profile_dir = None
         if spec.profile_context and info.kind == "infinitevl":
@@ -461,7 +463,9 @@ class Worker:
                          "cudagraph_mode": str(config.compilation_config.cudagraph_mode),
                          "max_num_batched_tokens": config.scheduler_config.max_num_batched_tokens,
                          "max_num_seqs": config.scheduler_config.max_num_seqs,
-                         "max_model_len": config.model_config.max_model_len}
+                         "max_model_len": config.model_config.max_model_len,
+                         "images_per_request": mm.get_limit_per_prompt("image") if (
+                             mm := config.model_config.multimodal_config) else 0}
         try:
             self.step_bytes = asdict(engine_step_bytes(self.engine.vllm_config, info.path, info.kv_bytes_per_token))
         except ValueError:  # a Transformer whose KV layout we do not know: measured, without a floor
