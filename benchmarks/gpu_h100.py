@@ -279,7 +279,7 @@ def section_gemv_sweep():
         cub = graph_ms(lambda x=x, nxt=nxt: x @ nxt().t(), calls)
         bonus = PROLOGUE_LAUNCH_MS if (N, K) in FUSED_SHAPES else 0.0
         use = best[0] if best[1] < cub + bonus else None
-        triton_ops.MATVEC_CONFIGS[(N, K)] = use
+        triton_ops.MATVEC_CONFIGS[(N, K, BF)] = use
         res[f"{N}x{K}"] = dict(best=list(best[0]), ms=best[1], cublas_ms=cub, floor_ms=N * K * 2 / bw * 1e3,
                                uses="triton" if use else "cublas", tried=tried)
         log("matvec", N, K, best, "cublas", cub, "floor", N * K * 2 / bw * 1e3, "->", res[f"{N}x{K}"]["uses"])

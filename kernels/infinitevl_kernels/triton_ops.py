@@ -145,9 +145,10 @@ def rope_qk_inplace(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
 
 PRO_NONE, PRO_NORM, PRO_SILU = 0, 1, 2
 
-# (N, K) -> (BN, BK, num_warps), or None where cuBLAS plus a separate prologue launch is faster;
-# benchmarks/gpu_h100.py (section gemv_sweep) fills it on the GPU it runs on.
-MATVEC_CONFIGS: dict[tuple[int, int], tuple[int, int, int] | None] = {}
+# (N, K, weight dtype) -> (BN, BK, num_warps), or None where cuBLAS is faster: choose_matvec fills it on the GPU
+# at hand (the served model, at load), as benchmarks/gpu_h100.py's gemv_sweep does for the kernel study. Keyed by
+# dtype too: one process may serve a float32 and a bf16 engine, whose best tiles differ.
+MATVEC_CONFIGS: dict[tuple[int, int, torch.dtype], tuple[int, int, int] | None] = {}
 
 
 @triton.jit
@@ -199,17 +200,15 @@ def _matvec_kernel(x_ptr, h_ptr, nw_ptr, xo_ptr, w_ptr, b_ptr, y_ptr, N, K, eps,
     tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=mn)
 
 
-def _matvec_config(N: int, K: int, cuda: bool) -> tuple[int, int, int]:
+def _matvec_config(N: int, K: int, dtype: torch.dtype, cuda: bool) -> tuple[int, int, int]:
     if not cuda:  # the interpreter runs one program at a time: few, wide ones
         return min(1024, triton.next_power_of_2(N)), min(256, triton.next_power_of_2(K)), 4
-    if (N, K) in MATVEC_CONFIGS:
-        return MATVEC_CONFIGS[(N, K)]
-    return (16 if N >= 8192 else 8), 512, 4
+    return MATVEC_CONFIGS.get((N, K, dtype)) or ((16 if N >= 8192 else 8), 512, 4)
 
 
 def _use_matvec(x: torch.Tensor, w: torch.Tensor) -> bool:
     if (x.dim() != 2 or x.shape[0] != 1 or x.stride(-1) != 1 or w.stride(1) != 1
-            or MATVEC_CONFIGS.get(tuple(w.shape), ()) is None):
+            or MATVEC_CONFIGS.get((*w.shape, w.dtype), ()) is None):
         return False
     return _triton_runs(x)
 
@@ -223,7 +222,7 @@ def _matvec(x, w, bias=None, pro=PRO_NONE, h=None, nw=None, eps=0.0, xo=None, co
     if w.stride(1) != 1 or x.stride(-1) != 1:
         raise ValueError("matvec needs unit stride over K")
     y = torch.empty(1, N, dtype=x.dtype, device=x.device)
-    BN, BK, warps = config or _matvec_config(N, K, x.is_cuda)
+    BN, BK, warps = config or _matvec_config(N, K, w.dtype, x.is_cuda)
     dummy = x
     _matvec_kernel[(triton.cdiv(N, BN),)](
         x, dummy if h is None else h, dummy if nw is None else nw, dummy if xo is None else xo, w,
@@ -283,7 +282,7 @@ def choose_matvec(w: torch.Tensor, bias: torch.Tensor | None = None,
     for cfg in candidates:
         timed[cfg] = _graph_us(rotating(lambda wi, cfg=cfg: _matvec(x, wi, bias, config=cfg)), calls)
     best = min(timed, key=timed.get)
-    MATVEC_CONFIGS[(N, K)] = None if best == "cublas" else best
+    MATVEC_CONFIGS[(N, K, w.dtype)] = None if best == "cublas" else best
     return {"shape": (N, K), "uses": best, "us": {str(k): round(v, 2) for k, v in timed.items()}}
 
 

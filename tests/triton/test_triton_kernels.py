@@ -251,6 +251,19 @@ def test_fused_matvecs_match_torch(N, K, T):
     assert rel(y, n_ref.float() @ wb.float().t()) < 1e-2
 
 
+def test_a_weight_shapes_chosen_product_belongs_to_its_dtype():
+    """One process may serve a float32 and a bf16 engine: where cuBLAS won for bf16, float32 keeps its own choice."""
+    from infinitevl_kernels import triton_ops
+
+    w, x = torch.randn(16, 64), torch.randn(1, 64)
+    triton_ops.MATVEC_CONFIGS[(16, 64, torch.bfloat16)] = None  # cuBLAS, for bf16 only
+    try:
+        assert not triton_ops._use_matvec(x.bfloat16(), w.bfloat16())
+        assert triton_ops._use_matvec(x, w)
+    finally:
+        del triton_ops.MATVEC_CONFIGS[(16, 64, torch.bfloat16)]
+
+
 def test_gated_rmsnorm_reads_the_gate_in_place_in_a_wider_projection():
     """The served GDN layer's output norm: the gate is a column slice of the fused input projection."""
     from infinitevl_kernels.gdn.reference import gated_rmsnorm
