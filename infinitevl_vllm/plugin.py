@@ -67,16 +67,19 @@ def _graphs_for_frames(vllm_config) -> None:
 
 
 def _vision_attention_graphable(vllm_config) -> bool:
-    """Whether the vision tower's attention, as vLLM will choose it, can be captured: not torch SDPA (vLLM's choice
-    for float32, where FlashAttention has no kernel), which splits the batch by a host copy of its sequence
-    lengths and so fails inside a CUDA graph."""
+    """Whether the vision tower runs at all and its attention, as vLLM will choose it, can be captured: not torch
+    SDPA (vLLM's choice for float32, where FlashAttention has no kernel), which splits the batch by a host copy of
+    its sequence lengths and so fails inside a CUDA graph."""
     from vllm.platforms import current_platform
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
     model = vllm_config.model_config
+    mm = model.multimodal_config
+    if mm is None or mm.language_model_only or not any(mm.get_limit_per_prompt(m) for m in ("image", "video")):
+        return False  # text only: vLLM refuses encoder graphs there
     vision = model.hf_config.vision_config
     chosen = current_platform.get_vit_attn_backend(vision.hidden_size // vision.num_heads, model.dtype,
-                                                   model.multimodal_config.mm_encoder_attn_backend)
+                                                   mm.mm_encoder_attn_backend)
     return chosen != AttentionBackendEnum.TORCH_SDPA
 
 

@@ -109,6 +109,8 @@ def test_on_cuda_a_frames_work_runs_in_cuda_graphs_unless_the_user_chose(monkeyp
     cpu = EngineArgs(model=str(tiny_ckpt)).create_engine_config()
     assert not cpu.compilation_config.compile_mm_encoder and not cpu.compilation_config.cudagraph_mm_encoder
     assert not _vision_attention_graphable(cpu)  # vLLM's choice here is torch SDPA
+    text_only = EngineArgs(model=str(tiny_ckpt), limit_mm_per_prompt={"image": 0, "video": 0}).create_engine_config()
+    assert not _vision_attention_graphable(text_only)
     graphable = True
     monkeypatch.setattr(plugin, "_vision_attention_graphable", lambda config: graphable)
     monkeypatch.setattr(type(current_platform), "is_cuda", lambda self=None: True)
