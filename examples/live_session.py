@@ -50,7 +50,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("frames_dir", nargs="?", help="a folder of frames (default: generated frames)")
     ap.add_argument("--frames", type=int, default=24, help="how many frames to generate without a folder")
-    ap.add_argument("--batch", type=int, default=4, help="frames per append")
+    ap.add_argument("--batch", type=int, default=8, help="frames per append (up to 8 are one engine request)")
     ap.add_argument("--ask-every", type=int, default=8, help="ask after every this many frames")
     ap.add_argument("--question", default="What happened so far?")
     ap.add_argument("--max-tokens", type=int, default=32)
