@@ -197,7 +197,8 @@ def decode(llm, out: Path, doc: dict, save, context: int = 4096, tokens: int = 4
         walls.append(time.perf_counter() - t0)
         if len(walls) > 4:
             break
-    # steady decode: timed steps, then cProfile, then the GPU profile, then the clocks, each over its own steps
+    # steady decode: timed steps (the clocks sampled meanwhile), then cProfile, then the GPU profile, each over its
+    # own steps
     timed = []
     clocks = Clocks() if torch.cuda.is_available() else None
     with clocks or contextlib.nullcontext():
