@@ -36,14 +36,6 @@ from pathlib import Path
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
-def frame(k: int):
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(7919 + k)
-    return Image.fromarray((rng.random((448, 448, 3)) * 255).astype("uint8"))
-
-
 def host_table(prof: cProfile.Profile, path: Path, calls: int, top: int = 60) -> list[dict]:
     """The profile's functions by cumulative time, per call of the measured thing (ms), and the text table."""
     buf = io.StringIO()
@@ -146,6 +138,7 @@ def ms(xs: list[float]) -> dict:
 
 def appends(llm, out: Path, doc: dict, save) -> None:
     from infinitevl_vllm.serving.sessions import StreamSession
+    from infinitevl_vllm.tools.workloads import distinct_frame as frame
 
     k = iter(range(10**9))
     with StreamSession(llm) as session:

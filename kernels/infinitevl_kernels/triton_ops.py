@@ -44,16 +44,19 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, add: torch.Tensor
     return y
 
 
+def _rmsnorm_rounded(xf: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(dtype) * weight
+
+
 def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+    return _rmsnorm_rounded(x.float(), weight, eps, x.dtype)
 
 
 def add_rmsnorm_ref(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(rmsnorm(x + h), x + h) rounded as vLLM's fused add + RMSNorm: the float32 sum is normed."""
     s = x.float() + h.float()
-    return (s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight, s.to(x.dtype)
+    return _rmsnorm_rounded(s, weight, eps, x.dtype), s.to(x.dtype)
 
 
 @triton.jit
