@@ -35,9 +35,12 @@ GREEDY_TOKENS = 12
 
 @pytest.fixture(scope="module")
 def llm(small_window_ckpt):
+    # test functions run in the engine's process (collective_rpc) travel pickled
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     engine = make_llm(small_window_ckpt, max_num_seqs=8, enable_prefix_caching=False)
     yield engine
     engine.llm_engine.engine_core.shutdown()
+    del os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"]
 
 
 @pytest.fixture(scope="session")
@@ -89,6 +92,46 @@ def test_short_video(llm, ref, processor):
 
 def test_batch_of_8_equals_each_alone(llm, processor):
     check_batch_of_8_equals_each_alone(llm, processor, _sampling(max_tokens=10, prompt_logprobs=None))
+
+
+def _count_gdn_metadata_builds(worker) -> int:
+    """In the engine's process: counts, on the worker, each GDN builder's full builds and block-table updates."""
+    from infinitevl_vllm.model.vllm_model import InfiniteVLGDNMetadataBuilder
+
+    counts = worker.gdn_metadata_counts = {"build": 0, "update_block_table": 0}
+    builders = [g.get_metadata_builder() for groups in worker.model_runner.attn_groups for g in groups]
+    builders = [b for b in builders if isinstance(b, InfiniteVLGDNMetadataBuilder)]
+    def counted(method, name):
+        def call(*args, **kwargs):
+            counts[name] += 1
+            return method(*args, **kwargs)
+        return call
+
+    for builder in builders:
+        for name in counts:
+            setattr(builder, name, counted(getattr(builder, name), name))
+    worker.gdn_metadata_builders = builders
+    return len(builders)
+
+
+def _gdn_metadata_counts(worker) -> dict[str, int]:
+    for builder in worker.gdn_metadata_builders:
+        del builder.build, builder.update_block_table
+    return worker.gdn_metadata_counts
+
+
+def test_gdn_groups_share_one_metadata_build_a_step(llm, ref, processor):
+    """The tiny model's six GDN layers are three KV-cache groups: a step builds their metadata once, and
+    re-gathers the two other groups' slots. The results stay the reference's (here, and in the other tests)."""
+    assert llm.collective_rpc(_count_gdn_metadata_builds) == [3]
+    prompts = [chat_prompt(processor, t) for t in random_texts([30, 50], seed=4)]
+    outs = llm.generate([vllm_prompt(p) for p in prompts], _sampling(max_tokens=4, prompt_logprobs=None),
+                        use_tqdm=False)
+    (counts,) = llm.collective_rpc(_gdn_metadata_counts)
+    assert counts["build"] > 0 and counts["update_block_table"] == 2 * counts["build"]
+    for prompt, out in zip(prompts, outs):
+        mm = reference_inputs(processor, prompt)
+        assert list(out.outputs[0].token_ids) == ref.generate(mm, 4)
 
 
 def test_bfloat16_close_to_reference(small_window_ckpt, ref, processor, llm_bf16):

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import dependent_launch
+
 
 @triton.jit
 def _rmsnorm_kernel(x_ptr, h_ptr, xo_ptr, w_ptr, y_ptr, N, eps, stride_x, stride_h, stride_xo, stride_y,
@@ -81,13 +83,16 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _gated_rmsnorm_kernel(o_ptr, g_ptr, w_ptr, y_ptr, eps, stride_ot, stride_oh, stride_g, stride_y,
-                          D: tl.constexpr):
+                          D: tl.constexpr, PDL: tl.constexpr):
     t = tl.program_id(0)
     h = tl.program_id(1)
     rd = tl.arange(0, D)
+    w = tl.load(w_ptr + rd).to(tl.float32)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     o = tl.load(o_ptr + t * stride_ot + h * stride_oh + rd).to(tl.float32)
     gate = tl.load(g_ptr + t * stride_g + h * D + rd).to(tl.float32)
-    w = tl.load(w_ptr + rd).to(tl.float32)
     y = o * tl.rsqrt(tl.sum(o * o, 0) / D + eps) * w * (gate / (1.0 + tl.exp(-gate)))
     tl.store(y_ptr + t * stride_y + h * D + rd, y.to(y_ptr.dtype.element_ty))
 
@@ -101,14 +106,20 @@ def gated_rmsnorm_heads(o: torch.Tensor, gate: torch.Tensor, weight: torch.Tenso
         raise ValueError(f"need a power-of-two head dim and unit last strides: o {tuple(o.shape)}, "
                          f"gate {tuple(gate.shape)}")
     y = torch.empty(T, H * D, dtype=gate.dtype, device=o.device)
-    _gated_rmsnorm_kernel[(T, H)](o, gate, weight, y, eps, o.stride(0), o.stride(1), gate.stride(0), y.stride(0), D=D)
+    pdl = dependent_launch(o.device)
+    _gated_rmsnorm_kernel[(T, H)](o, gate, weight, y, eps, o.stride(0), o.stride(1), gate.stride(0), y.stride(0), D=D,
+                                  PDL=pdl, launch_pdl=pdl)
     return y
 
 
 @triton.jit
-def _rope_kernel(x_ptr, cos_ptr, sin_ptr, stride_t, stride_h, stride_c, HALF: tl.constexpr, HP: tl.constexpr):
+def _rope_kernel(x_ptr, cos_ptr, sin_ptr, stride_t, stride_h, stride_c, HALF: tl.constexpr, HP: tl.constexpr,
+                 PDL: tl.constexpr):
     t = tl.program_id(0)
     h = tl.program_id(1)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     r = tl.arange(0, HP)
     m = r < HALF
     base = x_ptr + t * stride_t + h * stride_h
@@ -125,8 +136,9 @@ def _rope_kernel(x_ptr, cos_ptr, sin_ptr, stride_t, stride_h, stride_c, HALF: tl
 def rope_inplace(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """Rotate-half RoPE in place on x [T, H, D] (a view is fine); cos/sin [T, D] float32 contiguous."""
     T, H, D = x.shape
+    pdl = dependent_launch(x.device)
     _rope_kernel[(T, H)](x, cos, sin, x.stride(0), x.stride(1), cos.stride(0), HALF=D // 2,
-                         HP=triton.next_power_of_2(D // 2))
+                         HP=triton.next_power_of_2(D // 2), PDL=pdl, launch_pdl=pdl)
 
 
 def rope_qk_inplace(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int, cos: torch.Tensor,
@@ -155,13 +167,42 @@ MATVEC_CONFIGS: dict[tuple[int, int, torch.dtype], tuple[int, int, int] | None] 
 
 
 @triton.jit
+def _weight_tile(w_ptr, rn, mn, rk, K, stride_w, EVEN_K: tl.constexpr):
+    if EVEN_K:
+        return tl.load(w_ptr + rn[:, None] * stride_w + rk[None, :], mask=mn[:, None], other=0.0)
+    return tl.load(w_ptr + rn[:, None] * stride_w + rk[None, :], mask=mn[:, None] & (rk < K)[None, :], other=0.0)
+
+
+@triton.jit
+def _input_tile(x_ptr, h_ptr, nw_ptr, rk, K, r, dtype, PRO: tl.constexpr, HAS_ADD: tl.constexpr):
+    """The product's input over columns rk, in float32, rounded as the unfused ops round it."""
+    mk = rk < K
+    if PRO == 2:  # SwiGLU of a gate|up vector, rounded as silu_mul's output
+        g = tl.load(x_ptr + rk, mask=mk, other=0.0).to(tl.float32)
+        u = tl.load(x_ptr + K + rk, mask=mk, other=0.0).to(tl.float32)
+        return (g / (1.0 + tl.exp(-g)) * u).to(dtype).to(tl.float32)
+    xv = tl.load(x_ptr + rk, mask=mk, other=0.0).to(tl.float32)
+    if PRO == 1:
+        if HAS_ADD:
+            xv = xv + tl.load(h_ptr + rk, mask=mk, other=0.0).to(tl.float32)
+        nw = tl.load(nw_ptr + rk, mask=mk, other=0.0).to(tl.float32)
+        xv = ((xv * r).to(dtype).to(tl.float32) * nw).to(dtype).to(tl.float32)
+    return xv
+
+
+@triton.jit
 def _matvec_kernel(x_ptr, h_ptr, nw_ptr, xo_ptr, w_ptr, b_ptr, y_ptr, N, K, eps, stride_w,
                    PRO: tl.constexpr, HAS_ADD: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-                   BN: tl.constexpr, BK: tl.constexpr):
+                   BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)
     rn = pid * BN + tl.arange(0, BN)
     mn = rn < N
     rk0 = tl.arange(0, BK)
+    # The first weight tile streams in while the kernel before is still finishing (see launch.py)
+    w = _weight_tile(w_ptr, rn, mn, rk0, K, stride_w, EVEN_K)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     r = 1.0
     if PRO == 1:  # RMSNorm over x (+ h): sum of squares first; program 0 also stores x + h
         ss = tl.zeros([BK], tl.float32)
@@ -176,27 +217,11 @@ def _matvec_kernel(x_ptr, h_ptr, nw_ptr, xo_ptr, w_ptr, b_ptr, y_ptr, N, K, eps,
                     tl.store(xo_ptr + rk, xf.to(xv.dtype), mask=mk)
             ss += xf * xf
         r = tl.rsqrt(tl.sum(ss, 0) / K + eps)
-    acc = tl.zeros([BN, BK], tl.float32)
-    for k0 in range(0, K, BK):
+    acc = w.to(tl.float32) * _input_tile(x_ptr, h_ptr, nw_ptr, rk0, K, r, w.dtype, PRO, HAS_ADD)[None, :]
+    for k0 in range(BK, K, BK):
         rk = k0 + rk0
-        if EVEN_K:
-            w = tl.load(w_ptr + rn[:, None] * stride_w + rk[None, :], mask=mn[:, None], other=0.0)
-            mk = rk < K + BK  # all true
-        else:
-            mk = rk < K
-            w = tl.load(w_ptr + rn[:, None] * stride_w + rk[None, :], mask=mn[:, None] & mk[None, :], other=0.0)
-        if PRO == 2:  # SwiGLU of a gate|up vector, rounded as silu_mul's output
-            g = tl.load(x_ptr + rk, mask=mk, other=0.0).to(tl.float32)
-            u = tl.load(x_ptr + K + rk, mask=mk, other=0.0).to(tl.float32)
-            xv = (g / (1.0 + tl.exp(-g)) * u).to(w.dtype).to(tl.float32)
-        else:
-            xv = tl.load(x_ptr + rk, mask=mk, other=0.0).to(tl.float32)
-            if PRO == 1:
-                if HAS_ADD:
-                    xv = xv + tl.load(h_ptr + rk, mask=mk, other=0.0).to(tl.float32)
-                nw = tl.load(nw_ptr + rk, mask=mk, other=0.0).to(tl.float32)
-                xv = ((xv * r).to(w.dtype).to(tl.float32) * nw).to(w.dtype).to(tl.float32)
-        acc += w.to(tl.float32) * xv[None, :]
+        w = _weight_tile(w_ptr, rn, mn, rk, K, stride_w, EVEN_K)
+        acc += w.to(tl.float32) * _input_tile(x_ptr, h_ptr, nw_ptr, rk, K, r, w.dtype, PRO, HAS_ADD)[None, :]
     y = tl.sum(acc, 1)
     if HAS_BIAS:
         y += tl.load(b_ptr + rn, mask=mn, other=0.0).to(tl.float32)
@@ -226,12 +251,13 @@ def _matvec(x, w, bias=None, pro=PRO_NONE, h=None, nw=None, eps=0.0, xo=None, co
         raise ValueError("matvec needs unit stride over K")
     y = torch.empty(1, N, dtype=x.dtype, device=x.device)
     BN, BK, warps = config or _matvec_config(N, K, w.dtype, x.is_cuda)
+    pdl = dependent_launch(x.device)
     dummy = x
     _matvec_kernel[(triton.cdiv(N, BN),)](
         x, dummy if h is None else h, dummy if nw is None else nw, dummy if xo is None else xo, w,
         dummy if bias is None else bias, y, N, K, eps, w.stride(0),
         PRO=pro, HAS_ADD=h is not None, HAS_BIAS=bias is not None, EVEN_K=K % BK == 0, BN=BN, BK=BK,
-        num_warps=warps,
+        PDL=pdl, num_warps=warps, launch_pdl=pdl,
     )
     return y
 

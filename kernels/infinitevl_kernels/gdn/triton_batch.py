@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..launch import dependent_launch
 from .batch import GDNBatch, GDNLayer, gdn_forward_batch
 from .reference import gdn_chunked, gdn_gates
 
@@ -42,11 +43,14 @@ def _softplus(x):
 def _conv_decode_kernel(
     x_ptr, w_ptr, state_ptr, slot_ptr, y_ptr,
     C, stride_xb, stride_sb, stride_sc, stride_sk, stride_yb,
-    K: tl.constexpr, BC: tl.constexpr,
+    K: tl.constexpr, BC: tl.constexpr, PDL: tl.constexpr,
 ):
     b = tl.program_id(0)
     offs = tl.program_id(1) * BC + tl.arange(0, BC)
     m = offs < C
+    if PDL:  # the caller's kernel before may have written the slots, so nothing is read before the wait
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     slot = tl.load(slot_ptr + b).to(tl.int64)
     x = tl.load(x_ptr + b * stride_xb + offs, mask=m, other=0.0).to(tl.float32)
     base = state_ptr + slot * stride_sb + offs * stride_sc
@@ -68,13 +72,22 @@ def _gdn_decode_kernel(
     y_ptr, a_ptr, b_ptr, alog_ptr, dtb_ptr, ssm_ptr, slot_ptr, o_ptr,
     stride_yb, stride_ab, stride_bb, stride_sb, stride_sh, stride_sv, stride_ob, stride_oh,
     key_dim, scale, eps,
-    DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, PDL: tl.constexpr,
 ):
     bi = tl.program_id(0)
     h = tl.program_id(1)
     rv = tl.program_id(2) * BV + tl.arange(0, BV)
     rk = tl.arange(0, DK)
+    # The kernel before is always the conv's (gdn_decode_slots), which writes neither the slots nor this
+    # state: both stream in while it runs (see launch.py).
     slot = tl.load(slot_ptr + bi).to(tl.int64)
+    sp = ssm_ptr + slot * stride_sb + h * stride_sh + rv[:, None] * stride_sv + rk[None, :]
+    S = tl.load(sp).to(tl.float32)  # [BV, DK]
+    g = -tl.exp(tl.load(alog_ptr + h).to(tl.float32))
+    dtb = tl.load(dtb_ptr + h).to(tl.float32)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     yrow = y_ptr + bi * stride_yb
     q = tl.load(yrow + h * DK + rk).to(tl.float32)
     k = tl.load(yrow + key_dim + h * DK + rk).to(tl.float32)
@@ -83,10 +96,9 @@ def _gdn_decode_kernel(
     k = k / tl.sqrt(tl.sum(k * k, 0) + eps)
     a = tl.load(a_ptr + bi * stride_ab + h).to(tl.float32)
     bb = tl.load(b_ptr + bi * stride_bb + h).to(tl.float32)
-    g = -tl.exp(tl.load(alog_ptr + h).to(tl.float32)) * _softplus(a + tl.load(dtb_ptr + h).to(tl.float32))
+    g = g * _softplus(a + dtb)
     beta = 1.0 / (1.0 + tl.exp(-bb))
-    sp = ssm_ptr + slot * stride_sb + h * stride_sh + rv[:, None] * stride_sv + rk[None, :]
-    S = tl.load(sp).to(tl.float32) * tl.exp(g)  # [BV, DK]
+    S = S * tl.exp(g)
     pred = tl.sum(S * k[None, :], 1)
     S += (beta * (v - pred))[:, None] * k[None, :]
     o = tl.sum(S * q[None, :], 1) * scale
@@ -114,10 +126,11 @@ def conv_decode_slots(
         raise ValueError("x needs unit stride over channels")
     y = torch.empty(B, C, dtype=x.dtype, device=x.device) if out is None else out
     BC = 256
+    pdl = dependent_launch(x.device)
     _conv_decode_kernel[(B, triton.cdiv(C, BC))](
         x, weight.contiguous(), conv_state, slots, y,
         C, x.stride(0), conv_state.stride(0), conv_state.stride(1), conv_state.stride(2), y.stride(0),
-        K=K, BC=BC,
+        K=K, BC=BC, PDL=pdl, launch_pdl=pdl,
     )
     return y
 
@@ -145,12 +158,13 @@ def gdn_decode_slots(
     y = conv_decode_slots(mixed_qkv, layer.conv_weight, layer.conv_state, slots)
     o = torch.empty(B, H, Dv, dtype=mixed_qkv.dtype, device=mixed_qkv.device) if out is None else out
     BV = min(32, Dv)
+    pdl = dependent_launch(mixed_qkv.device)
     _gdn_decode_kernel[(B, H, triton.cdiv(Dv, BV))](
         y, a, b, A_log, dt_bias, ssm_state, slots, o,
         y.stride(0), a.stride(0), b.stride(0), ssm_state.stride(0), ssm_state.stride(1), ssm_state.stride(2),
         o.stride(0), o.stride(1),
         shape.key_dim, Dk**-0.5, eps,
-        DK=Dk, DV=Dv, BV=BV, num_warps=4,
+        DK=Dk, DV=Dv, BV=BV, PDL=pdl, num_warps=4, launch_pdl=pdl,
     )
     return o
 

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..launch import dependent_launch
 from ..layout import ring_blocks
 from .ring import PagedRing, ring_decode_attention, ring_prefill_attention
 
@@ -62,11 +63,14 @@ def _swa_decode_split_kernel(
     stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_cb, stride_ch, stride_ct, stride_bt,
     stride_ob, stride_oh, bs, cap, W, split_len, scale,
     NSPLIT: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
-    TWO_PAGES: tl.constexpr, PREC: tl.constexpr,
+    TWO_PAGES: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     s = tl.program_id(2)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     rg = tl.arange(0, GP)
     mg = rg < G
     rd = tl.arange(0, D)
@@ -138,10 +142,13 @@ def _swa_decode_split_kernel(
 @triton.jit
 def _swa_decode_merge_kernel(
     m_ptr, l_ptr, acc_ptr, o_ptr, stride_ob, stride_oh,
-    NSPLIT: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DB: tl.constexpr,
+    NSPLIT: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DB: tl.constexpr, PDL: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     rg = tl.arange(0, GP)
     mg = rg < G
     rd = tl.program_id(2) * DB + tl.arange(0, DB)  # programs split head_dim: batch 1 has few (b, kvh)
@@ -202,16 +209,19 @@ def swa_paged_decode(
     acc = torch.empty(B, Hkv, n, GP, D, **f32) if nsplit > 1 else m
     cs = cache.stride()
     BN = 64 if q.is_cuda else 4
+    pdl = dependent_launch(q.device)
     _swa_decode_split_kernel[(B, Hkv, nsplit)](
         q, k_new, v_new, cache, block_table, positions, m, lsum, acc, o,
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         cs[0], cs[1], cs[2], block_table.stride(0), o.stride(0), o.stride(1), bs, cap, window, split_len, scale,
-        NSPLIT=nsplit, G=G, GP=GP, D=D, BN=BN, TWO_PAGES=BN <= bs, PREC=_dot_precision(q), num_warps=4,
+        NSPLIT=nsplit, G=G, GP=GP, D=D, BN=BN, TWO_PAGES=BN <= bs, PREC=_dot_precision(q), PDL=pdl, num_warps=4,
+        launch_pdl=pdl,
     )
     if nsplit > 1:
         DB = min(D, 32)
         _swa_decode_merge_kernel[(B, Hkv, D // DB)](m, lsum, acc, o, o.stride(0), o.stride(1),
-                                                    NSPLIT=nsplit, G=G, GP=GP, D=D, DB=DB, num_warps=4)
+                                                    NSPLIT=nsplit, G=G, GP=GP, D=D, DB=DB, PDL=pdl, num_warps=4,
+                                                    launch_pdl=pdl)
     return o
 
 

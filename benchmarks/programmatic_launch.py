@@ -1,0 +1,127 @@
+"""A batch-1 decode step with and without programmatic dependent launch, on one GPU (issue 15).
+
+The step is the 4B kernel study's (`kernel_study_decoder.py`: the served path's kernels, random bf16 weights of
+the real shapes) in one CUDA graph. Only `infinitevl_kernels.launch.PROGRAMMATIC_LAUNCH` differs between the two
+settings, which alternate twice, each with a graph of its own. Both must give the same logits and states bit for
+bit: the launch attribute changes when a kernel starts, never what it computes.
+
+    PYTHONPATH=.:kernels python benchmarks/programmatic_launch.py --out benchmarks/results
+
+Writes programmatic_launch.json: the step's time and its ratio to the byte floor (weights + the state a step
+reads and writes, at the measured copy bandwidth), for each setting and context.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.join(HERE, ".."), os.path.join(HERE, "..", "kernels")]
+
+import triton  # noqa: E402
+from gpu_h100 import our_model, our_step_bytes, time_ms  # noqa: E402
+from infinitevl_kernels import launch, triton_ops  # noqa: E402
+from kernel_study_decoder import DecodeGraphs  # noqa: E402
+
+CONTEXTS = [4096, 131072]
+STEPS_COMPARED = 4
+
+
+def copy_bandwidth() -> float:
+    x = torch.empty(2**29, dtype=torch.bfloat16, device="cuda").normal_()
+    y = torch.empty_like(x)
+    return 2 * x.numel() * x.element_size() / (time_ms(lambda: y.copy_(x), iters=10) / 1e3)
+
+
+def choose_products(m) -> list[dict]:
+    """The served model's choice at load: Triton tile or cuBLAS per weight shape, timed on this GPU."""
+    shapes = {}
+    for L in m.layers:
+        for name in ("inp", "o", "qkv", "gate_up", "down"):
+            if name in L:
+                shapes.setdefault(tuple(L[name].shape), L[name])
+    shapes.setdefault(tuple(m.embed.shape), m.embed)
+    return [triton_ops.choose_matvec(w) for w in shapes.values()]
+
+
+def run_setting(m, graphs: DecodeGraphs, start: dict[str, torch.Tensor]) -> dict:
+    """Times the step at each context, then replays STEPS_COMPARED steps from `start` for the comparison."""
+    _, ids, pos, tpos, slots, out = graphs.graphs[1]
+    slots.fill_(0)
+    ms = {}
+    for ctx in CONTEXTS:
+        pos.fill_(ctx)
+        tpos.fill_(ctx)
+        ms[ctx] = time_ms(lambda: graphs.replay(1), iters=100, reps=7)
+    for name, t in start.items():
+        getattr(m, name).copy_(t)
+    logits = []
+    for i in range(STEPS_COMPARED):
+        pos.fill_(CONTEXTS[-1] + i)
+        tpos.fill_(CONTEXTS[-1] + i)
+        graphs.replay(1)
+        logits.append(out.clone())
+    return dict(ms=ms, logits=torch.stack(logits), states={n: getattr(m, n).clone() for n in start})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args()
+    t0 = time.time()
+    bw = copy_bandwidth()
+    m, _ = our_model(num_slots=2)
+    products = choose_products(m)
+    start = {n: getattr(m, n).clone() for n in ("conv_pool", "ssm_pool", "kv_cache")}
+    runs: dict[str, list[dict]] = {"without": [], "with": []}
+    for setting in ("without", "with", "without", "with"):
+        launch.PROGRAMMATIC_LAUNCH = setting == "with"
+        graphs = DecodeGraphs(m, [1])
+        runs[setting].append(run_setting(m, graphs, start))
+        del graphs
+        print(setting, {c: round(v, 4) for c, v in runs[setting][-1]["ms"].items()}, flush=True)
+    launch.PROGRAMMATIC_LAUNCH = None
+    first = runs["without"][0]
+    identical = all(torch.equal(r["logits"], first["logits"])
+                    and all(torch.equal(r["states"][n], first["states"][n]) for n in start)
+                    for rs in runs.values() for r in rs)
+    result = {
+        "tool": "benchmarks/programmatic_launch.py",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "wall_s": None,
+        "env": dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                    python=platform.python_version(), copy_bw_gb_s=round(bw / 1e9, 1)),
+        "method": "kernel-study 4B decoder, batch 1, one CUDA graph a setting; median of 7 x 100 replays; "
+                  "settings alternate (without, with, without, with)",
+        "products": products,
+        "bit_identical_logits_and_states": identical,
+        "contexts": {},
+    }
+    for ctx in CONTEXTS:
+        floor = our_step_bytes(m, 1, ctx) / bw * 1e3
+        row = {"floor_ms": round(floor, 4)}
+        for setting, rs in runs.items():
+            best = min(r["ms"][ctx] for r in rs)
+            row[setting] = dict(ms=[round(r["ms"][ctx], 4) for r in rs], over_floor=round(best / floor, 3))
+        row["speedup"] = round(min(runs["without"][i]["ms"][ctx] for i in range(2))
+                               / min(runs["with"][i]["ms"][ctx] for i in range(2)), 3)
+        result["contexts"][str(ctx)] = row
+    result["wall_s"] = round(time.time() - t0, 1)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "programmatic_launch.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps({k: result[k] for k in ("env", "bit_identical_logits_and_states", "contexts")}, indent=1))
+    if not identical:
+        sys.exit("the two settings computed different logits or states")
+
+
+if __name__ == "__main__":
+    main()
