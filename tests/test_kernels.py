@@ -137,3 +137,18 @@ def test_mrope_equal_rows_is_plain_rope():
 def test_mrope_section_must_match_head_dim():
     with pytest.raises(ValueError, match="mrope_section"):
         mrope_cos_sin(torch.zeros(3, 2, dtype=torch.long), 16, 1e6, [2, 2, 2])
+
+
+@pytest.mark.parametrize("tokens,heads", [(16384, 16), (16384, 8), (8192, 32), (2048, 16), (1, 16)])
+def test_start_up_reaches_every_l2norm_bucket_of_a_chunk(tokens, heads):
+    """fla autotunes its q/k L2 norm once for each bucket of 65,536 rows (tokens x heads) it sees. The start-up
+    compilation (the whole chunk, the small batches, then one length per bucket between) reaches every bucket
+    a prefill chunk of this size can; the H200 bench's third run autotuned bucket 3 for 11 s while serving."""
+    from infinitevl_kernels.gdn.triton_batch import L2NORM_BUCKET_ROWS, PREFILL_WARM_UP, _l2norm_buckets
+
+    def bucket(n: int) -> int:  # fla.modules.norm.l2norm's NB for n tokens
+        return -(-n * heads // L2NORM_BUCKET_ROWS)
+
+    batches = [*PREFILL_WARM_UP, *_l2norm_buckets(tokens, heads)]
+    lengths = [tokens] + [sum(lens) for lens in batches if sum(lens) <= tokens]
+    assert {bucket(n) for n in lengths} == set(range(1, bucket(tokens) + 1))

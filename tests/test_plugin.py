@@ -101,10 +101,11 @@ def test_on_cuda_a_frames_work_runs_in_cuda_graphs_unless_the_user_chose(monkeyp
 
     def rule(eager: bool = False, **comp):
         config = SimpleNamespace(compilation_config=CompilationConfig(**comp),
-                                 model_config=SimpleNamespace(enforce_eager=eager))
+                                 model_config=SimpleNamespace(enforce_eager=eager),
+                                 scheduler_config=SimpleNamespace(max_num_seqs=54))
         _graphs_for_frames(config)
         c = config.compilation_config
-        return c.compile_mm_encoder, c.cudagraph_mm_encoder, c.max_cudagraph_capture_size
+        return c.compile_mm_encoder, c.cudagraph_mm_encoder, c.max_cudagraph_capture_size, c.cudagraph_capture_sizes
 
     cpu = EngineArgs(model=str(tiny_ckpt)).create_engine_config()
     assert not cpu.compilation_config.compile_mm_encoder and not cpu.compilation_config.cudagraph_mm_encoder
@@ -114,12 +115,39 @@ def test_on_cuda_a_frames_work_runs_in_cuda_graphs_unless_the_user_chose(monkeyp
     graphable = True
     monkeypatch.setattr(plugin, "_vision_attention_graphable", lambda config: graphable)
     monkeypatch.setattr(type(current_platform), "is_cuda", lambda self=None: True)
-    assert rule() == (True, True, PREFILL_GRAPH_TOKENS) == (True, True, 512)
-    assert rule(mode=CompilationMode.VLLM_COMPILE) == (True, True, 512)
-    assert rule(eager=True) == (False, False, None)
-    assert rule(mode=CompilationMode.NONE) == (False, False, None)
-    assert rule(cudagraph_mm_encoder=True) == (False, True, 512)  # the user's half-choice is kept
-    assert rule(max_cudagraph_capture_size=64)[2] == 64
-    assert rule(cudagraph_capture_sizes=[1, 2, 4])[2] is None
+    encoder, encoder_graphs, _, sizes = rule()
+    assert encoder and encoder_graphs and max(sizes) == PREFILL_GRAPH_TOKENS == 512
+    assert rule(mode=CompilationMode.VLLM_COMPILE)[:2] == (True, True)
+    assert rule(eager=True) == (False, False, None, None)
+    assert rule(mode=CompilationMode.NONE) == (False, False, None, None)
+    assert rule(cudagraph_mm_encoder=True)[:2] == (False, True)  # the user's half-choice is kept
+    assert rule(max_cudagraph_capture_size=64)[2:] == (64, None)
+    assert rule(cudagraph_capture_sizes=[1, 2, 4])[3] == [1, 2, 4]
     graphable = False
-    assert rule() == (False, False, 512)
+    assert rule()[:2] == (False, False) and max(rule()[3]) == 512
+
+
+@pytest.mark.parametrize("max_num_seqs", [54, 8, 1024])
+def test_on_cuda_a_full_batch_of_decodes_has_its_own_graph(monkeypatch, tiny_ckpt, max_num_seqs):
+    """With the plugin's graph sizes, as vLLM resolves them: a frame (266 tokens) runs in a graph, and so does a
+    batch of max_num_seqs decodes, whose graphs vLLM captures only up to max_num_seqs (run 3 of the H200 bench
+    padded 54 decodes to 56 and ran them piecewise, 4.4 times slower)."""
+    from vllm import EngineArgs
+    from vllm.config import CompilationMode, CUDAGraphMode
+    from vllm.platforms import current_platform
+
+    from infinitevl_vllm import plugin
+
+    config = EngineArgs(model=str(tiny_ckpt), max_num_seqs=max_num_seqs).create_engine_config()
+    comp = config.compilation_config  # as on CUDA: vLLM's compilation and graph modes
+    config.model_config.enforce_eager = False
+    comp.mode, comp.cudagraph_mode = CompilationMode.VLLM_COMPILE, CUDAGraphMode.FULL_AND_PIECEWISE
+    comp.max_cudagraph_capture_size = comp.cudagraph_capture_sizes = None
+    monkeypatch.setattr(plugin, "_vision_attention_graphable", lambda config: True)
+    monkeypatch.setattr(type(current_platform), "is_cuda", lambda self=None: True)
+    plugin._graphs_for_frames(config)
+    config._set_cudagraph_sizes()  # vLLM's own resolution of the sizes
+    sizes = comp.cudagraph_capture_sizes
+    assert max(sizes) == min(512, config.scheduler_config.max_num_batched_tokens) >= 266
+    decode_graphs = [n for n in sizes if n <= max_num_seqs]  # as vLLM's CUDA-graph dispatcher keys FULL decodes
+    assert max(decode_graphs) == min(max_num_seqs, 512)

@@ -179,15 +179,17 @@ def gpu_record() -> dict[str, Any]:
 
 @contextlib.contextmanager
 def triton_compiles_recorded(into: list[str]) -> Iterator[None]:
-    """Append `module.kernel[specialization]` to `into` for every Triton compilation in this process while the
-    block runs (vLLM's own JIT monitor, hooked in at start-up, still sees each)."""
+    """Append `module.kernel key` to `into` for every Triton compilation in this process while the block runs
+    (vLLM's own JIT monitor, hooked in at start-up, still sees each). The key is Triton's cache key: each argument's
+    type and specialization (a value of 1, divisibility by 16, alignment), and the options; two compilations of one
+    kernel differ in it."""
     from triton import knobs
 
     previous = knobs.runtime.jit_post_compile_hook
 
     def hook(**kwargs):
         fn = kwargs["fn"]  # triton.runtime.jit.JitFunctionInfo: the kernel's module name and its name
-        into.append(f"{fn.module}.{kwargs.get('repr', fn.name)}")
+        into.append(f"{fn.module}.{fn.name} {kwargs.get('key')}")
         return previous(**kwargs) if previous is not None else None
 
     knobs.runtime.jit_post_compile_hook = hook
@@ -201,10 +203,14 @@ def triton_compiles_recorded(into: list[str]) -> Iterator[None]:
 def llm_f32(vllm_env, small_window_ckpt):
     """Ours, float32, 16-token window, in this process (tests drive its scheduler). Prefill chunks of
     F32_CHUNK tokens; up to 4 images per prompt (a streaming session's question holds 4 frames). Every Triton
-    compilation in this process after its start-up is listed in its `triton_compiles_after_start`."""
-    llm = start_engine("infinitevl_f32", small_window_ckpt, in_process=True, dtype="float32", max_num_seqs=8,
-                       max_num_batched_tokens=F32_CHUNK, enable_chunked_prefill=True,
-                       limit_mm_per_prompt={"image": 4, "video": 1})
+    compilation in this process after its start-up is listed in its `triton_compiles_after_start`, those of the
+    start-up in `triton_compiles_at_start`."""
+    at_start: list[str] = []
+    with triton_compiles_recorded(at_start):
+        llm = start_engine("infinitevl_f32", small_window_ckpt, in_process=True, dtype="float32", max_num_seqs=8,
+                           max_num_batched_tokens=F32_CHUNK, enable_chunked_prefill=True,
+                           limit_mm_per_prompt={"image": 4, "video": 1})
+    llm.triton_compiles_at_start = at_start
     llm.triton_compiles_after_start = []
     with triton_compiles_recorded(llm.triton_compiles_after_start):
         yield llm

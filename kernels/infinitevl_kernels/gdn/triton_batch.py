@@ -174,8 +174,10 @@ def gdn_decode_slots(
 
 # The state pool's strides are left unspecialized: the start-up compilation runs on a scratch pool, whose layout
 # (channel-major) Triton would otherwise specialize apart from the served pool's (a stride of 1 on another axis);
-# they only address the K-1 history taps, not the token rows.
-@triton.jit(do_not_specialize=["stride_sb", "stride_sc", "stride_sk"])
+# they only address the K-1 history taps, not the token rows. So is the alignment of the per-sequence metadata: a
+# mixed batch's prefills start after its decodes, so their slots and flags are views at any offset.
+@triton.jit(do_not_specialize=["stride_sb", "stride_sc", "stride_sk"],
+            do_not_specialize_on_alignment=["slot_ptr", "init_ptr", "cu_ptr"])
 def _conv_varlen_kernel(
     x_ptr, w_ptr, state_ptr, slot_ptr, init_ptr, cu_ptr, y_ptr,
     C, stride_xt, stride_sb, stride_sc, stride_sk, stride_yt,
@@ -328,6 +330,18 @@ PREFILL_WARM_UP = (
 )
 
 
+# fla autotunes its q/k L2 norm once per bucket of rows (tokens x heads): 65,536 rows a bucket (`NB` in
+# fla.modules.norm.l2norm), about 11 s each on an H200.
+L2NORM_BUCKET_ROWS = 2048 * 32
+
+
+def _l2norm_buckets(tokens: int, heads: int) -> list[list[int]]:
+    """One single-sequence length per bucket that a chunk of `tokens` reaches, short of the chunk's own (the whole
+    chunk runs first) and the first (the small batches)."""
+    full = triton.cdiv(tokens * heads, L2NORM_BUCKET_ROWS)
+    return [[nb * L2NORM_BUCKET_ROWS // heads] for nb in range(2, full)]
+
+
 def warm_up_prefill(mixed_qkv: torch.Tensor, a: torch.Tensor, b: torch.Tensor, layer: GDNLayer, *,
                     use_fla: bool) -> None:
     """Compile every variant the varlen prefill launches (the whole chunk, then ``PREFILL_WARM_UP``'s batches
@@ -345,7 +359,8 @@ def warm_up_prefill(mixed_qkv: torch.Tensor, a: torch.Tensor, b: torch.Tensor, l
                       device=dev)
     scratch = GDNLayer(conv_weight=layer.conv_weight, A_log=layer.A_log, dt_bias=layer.dt_bias, conv_state=conv,
                        ssm_state=ssm, shape=shape)
-    for lens in ([T], [T // 2, T - T // 2], *PREFILL_WARM_UP):
+    buckets = _l2norm_buckets(T, shape.num_heads) if use_fla else []
+    for lens in ([T], [T // 2, T - T // 2], *PREFILL_WARM_UP, *buckets):
         if min(lens) < 1 or sum(lens) > T:
             continue
         n = sum(lens)

@@ -53,8 +53,10 @@ def _ring_shape(cache: torch.Tensor, block_table: torch.Tensor, head_dim: int, w
 # scratch table of one ring, whose row stride Triton would otherwise specialize apart from the served table's (a
 # multiple of 16 or not), and a served batch would compile its variant again (a mixed batch's decodes run outside
 # the captured graphs, at any batch size). It only indexes block ids; the pool's strides, which vectorized loads
-# need, stay specialized.
+# need, stay specialized. The prefill kernels' per-sequence metadata is aligned however it comes: a mixed batch's
+# prefills start after its decodes, so their table rows and offsets are views at any offset.
 TABLE_STRIDE = ["stride_bt"]
+PREFILL_METADATA = ["bt_ptr", "cu_ptr", "start_ptr"]
 
 
 @triton.jit(do_not_specialize=TABLE_STRIDE)
@@ -225,7 +227,7 @@ def swa_paged_decode(
     return o
 
 
-@triton.jit(do_not_specialize=TABLE_STRIDE)
+@triton.jit(do_not_specialize=TABLE_STRIDE, do_not_specialize_on_alignment=PREFILL_METADATA)
 def _swa_prefill_kernel(
     q_ptr, k_ptr, v_ptr, c_ptr, bt_ptr, cu_ptr, start_ptr, m_ptr, l_ptr, acc_ptr, o_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_ch, stride_ct, stride_bt,
@@ -315,7 +317,7 @@ def _swa_prefill_merge_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, T, stride_ot, stride
              (acc / tl.maximum(L, 1e-30)[:, None]).to(o_ptr.dtype.element_ty), mask=mh[:, None])
 
 
-@triton.jit(do_not_specialize=TABLE_STRIDE)
+@triton.jit(do_not_specialize=TABLE_STRIDE, do_not_specialize_on_alignment=PREFILL_METADATA)
 def _ring_write_kernel(
     k_ptr, v_ptr, c_ptr, bt_ptr, cu_ptr, start_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_ch, stride_ct, stride_bt, bs, cap,
