@@ -13,6 +13,7 @@ from torch import nn
 from infinitevl_vllm.model.batch_one_linear import (
     BatchOneHeadMethod,
     BatchOneLinearMethod,
+    linear_into,
     use_batch_one_products,
 )
 
@@ -51,6 +52,20 @@ def test_the_swapped_product_is_the_linear_map(rows: int, bias: bool):
     x = torch.randn(rows, 40, generator=torch.Generator().manual_seed(rows))
     torch.testing.assert_close(layer.quant_method.apply(layer, x, layer.bias),
                                torch.nn.functional.linear(x, layer.weight, layer.bias), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_linear_into_fills_the_given_rows_with_the_product(rows: int):
+    """The GDN layer's output projection writes into the rows of its op's output, and only those."""
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+    layer = _layer(UnquantizedLinearMethod(), bias=False)
+    use_batch_one_products([layer], _layer(None))
+    x = torch.randn(rows, 40, generator=torch.Generator().manual_seed(rows))
+    output = torch.full((rows + 1, 24), float("nan"))
+    linear_into(layer, x, output[:rows])
+    torch.testing.assert_close(output[:rows], torch.nn.functional.linear(x, layer.weight), rtol=1e-6, atol=1e-6)
+    assert output[rows].isnan().all()
 
 
 @pytest.mark.parametrize("rows", [1, 3])

@@ -77,6 +77,16 @@ def norm_mlp(norm: nn.Module, mlp: nn.Module, x: torch.Tensor,
     return torch.ops.vllm.infinitevl_silu_linear(gate_up, mlp.down_proj.weight), residual
 
 
+def linear_into(linear: nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
+    """``out[:] = linear(x)``, from inside a custom op that owns its output (the GDN layer's). With the batch-1 product
+    on one GPU the product is written in place: the decode graph then has no copy node after it, which would also
+    break the chain of programmatically launched kernels (infinitevl_kernels.launch)."""
+    if isinstance(linear.quant_method, _BatchOneProduct) and getattr(linear, "tp_size", 1) == 1 and linear.bias is None:
+        triton_ops.linear(x, linear.weight, out=out)
+    else:
+        out.copy_(linear(x)[0])
+
+
 _timed: set[tuple] = set()  # (shape, dtype) already timed in this process: layers of one shape share it
 
 

@@ -76,7 +76,7 @@ from vllm.v1.attention.backends.gdn_attn import (
 
 from ..config import InfiniteVLTextConfig
 from ..vllm_patches import keep_conv_weight_layout, without_triton_allocator
-from .batch_one_linear import norm_linear, norm_mlp, use_batch_one_products
+from .batch_one_linear import linear_into, norm_linear, norm_mlp, use_batch_one_products
 from .ring_attention import RingSlidingWindowAttention
 from .step_requests import StepRequests, step_requests_of
 
@@ -192,7 +192,7 @@ class InfiniteVLGatedDeltaNet(OlmoHybridGatedDeltaNetAttention):
             normed = gated_rmsnorm_heads(core, gate, self.o_norm.weight, self.o_norm.eps)
         else:
             normed = self.o_norm(core.view(n * heads, dv), gate.reshape(n * heads, dv)).view(n, heads * dv)
-        output[:n], _ = self.o_proj(normed)
+        linear_into(self.o_proj, normed, output[:n])
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """vLLM's loader, except the fused conv: its loader takes the shard id the WeightsMapper put on each

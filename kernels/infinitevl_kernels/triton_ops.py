@@ -245,11 +245,11 @@ def _triton_runs(x: torch.Tensor) -> bool:
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _matvec(x, w, bias=None, pro=PRO_NONE, h=None, nw=None, eps=0.0, xo=None, config=None):
+def _matvec(x, w, bias=None, pro=PRO_NONE, h=None, nw=None, eps=0.0, xo=None, config=None, out=None):
     N, K = w.shape
     if w.stride(1) != 1 or x.stride(-1) != 1:
         raise ValueError("matvec needs unit stride over K")
-    y = torch.empty(1, N, dtype=x.dtype, device=x.device)
+    y = torch.empty(1, N, dtype=x.dtype, device=x.device) if out is None else out
     BN, BK, warps = config or _matvec_config(N, K, w.dtype, x.is_cuda)
     pdl = dependent_launch(x.device)
     dummy = x
@@ -315,11 +315,14 @@ def choose_matvec(w: torch.Tensor, bias: torch.Tensor | None = None,
     return {"shape": (N, K), "uses": best, "us": {str(k): round(v, 2) for k, v in timed.items()}}
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [T, K] @ w[N, K]^T (+ bias): one Triton pass at T == 1, cuBLAS otherwise."""
-    if _use_matvec(x, w):
-        return _matvec(x, w, bias)
-    return torch.nn.functional.linear(x, w, bias)
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, K] @ w[N, K]^T (+ bias): one Triton pass at T == 1, cuBLAS otherwise. With ``out`` (contiguous rows),
+    the product lands there; the Triton pass writes it in place."""
+    if _use_matvec(x, w) and (out is None or out.is_contiguous()):
+        return _matvec(x, w, bias, out=out)
+    y = torch.nn.functional.linear(x, w, bias)
+    return y if out is None else out.copy_(y)
 
 
 def norm_linear(x: torch.Tensor, h: torch.Tensor | None, norm_w: torch.Tensor, eps: float, w: torch.Tensor,

@@ -241,6 +241,10 @@ def test_fused_matvecs_match_torch(N, K, T):
     y, same_x = norm_linear(x, None, nw, 1e-6, w)
     assert same_x is x and rel(y, rmsnorm_ref(x, nw, 1e-6) @ w.t()) < 1e-5
     assert rel(linear(x, w), x @ w.t()) < 1e-5
+    rows = torch.full((T + 2, N), float("nan"))
+    out = linear(x, w, bias, out=rows[1 : T + 1])  # a block of an op's output rows, as the GDN layer passes
+    assert out.data_ptr() == rows[1].data_ptr() and rel(out, x @ w.t() + bias) < 1e-5
+    assert rows[0].isnan().all() and rows[T + 1].isnan().all()
     gu = torch.randn(T, 2 * K, generator=g)
     assert rel(silu_linear(gu, w), (torch.nn.functional.silu(gu[:, :K]) * gu[:, K:]) @ w.t()) < 1e-5
     # bf16, rounded as vLLM's fused add + RMSNorm: the float32 sum is normed, the stream keeps it rounded
