@@ -170,6 +170,7 @@ def test_serving_compiles_none_of_our_kernels_after_start_up(llm_f32, gpu_record
         llm_f32.generate([prompt], greedy, use_tqdm=False)
     for batch in range(2, 9):  # batched prefill (varlen) and decode at every batch size up to max_num_seqs
         llm_f32.generate([prompts[i % len(prompts)] for i in range(batch)], greedy, use_tqdm=False)
+    assert any(e.startswith("infinitevl_kernels") for e in llm_f32.triton_compiles_at_start), "the recorder saw none"
     compiled = llm_f32.triton_compiles_after_start
     ours = sorted({entry for entry in compiled if entry.startswith("infinitevl_kernels")})
     kernels = {entry.split()[0] for entry in ours}
