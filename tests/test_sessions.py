@@ -140,6 +140,26 @@ def test_frames_one_by_one_then_ask_equals_one_request_with_everything(llm):
     assert chosen_logprobs(other) != pytest.approx(chosen_logprobs(single), abs=1e-3)
 
 
+def test_streaming_groups_equals_appending_them_in_turn(llm):
+    """``stream`` prepares each group of frames while the engine prefills the group before: the session is the
+    one appending the groups in turn makes (its counters after each group, and its answer). A bad frame stops
+    the stream with the groups before its own in."""
+    from infinitevl_vllm.serving.sessions import StreamSession
+
+    groups = [[frame(50)], [frame(51), frame(52)], [frame(53)]]
+    with StreamSession(llm) as s:
+        appended = [(i["frames"], i["tokens"]) for i in (s.append(g) for g in groups)]
+        answer = s.ask(QUESTION, greedy())
+    with StreamSession(llm) as s:
+        streamed = [(i["frames"], i["tokens"]) for i in s.stream(iter(groups))]
+        assert list(s.ask(QUESTION, greedy()).outputs[0].token_ids) == list(answer.outputs[0].token_ids)
+    assert streamed == appended and [f for f, _ in streamed] == [1, 3, 4]
+    with StreamSession(llm) as s:
+        with pytest.raises(SessionError) as e:
+            list(s.stream([[frame(50)], [frame(51), "data:image/png;base64,bm8gaW1hZ2U="], [frame(52)]]))
+        assert e.value.status == 400 and s.info()["frames"] == 1
+
+
 def test_a_session_answers_as_the_reference_model_fed_the_same_stream(llm, ckpt):
     """The truth for a session is the reference model (no vLLM) fed the same pieces in order, its
     state carried from piece to piece, at the stream rule's positions, then decoding greedily."""

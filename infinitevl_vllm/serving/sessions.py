@@ -12,7 +12,7 @@ import asyncio
 import os
 import time
 import uuid
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,6 +124,7 @@ class StreamSession:
     """A streaming session over an offline ``vllm.LLM`` (scripts, tests, benchmarks).
 
     >>> s = StreamSession(llm); s.append([frame0, frame1]); out = s.ask("What happened?")
+    >>> for info in s.stream(groups_of_frames): ...  # appends that overlap their preprocessing with the engine
     """
 
     def __init__(self, llm, system: str | None = DEFAULT_SYSTEM, max_sessions: int | None = None):
@@ -139,15 +140,61 @@ class StreamSession:
     def _rpc(self, op: str, *args):
         return self.llm.collective_rpc(RPC_METHOD, args=(op, *args))[0]
 
+    def _render(self, prompt: dict, params: SamplingParams) -> tuple[Any, SamplingParams]:
+        """The prompt as the engine takes it: tokenized, its images through the image processor."""
+        from vllm.renderers.inputs.preprocess import parse_model_prompt
+
+        engine = self.llm.llm_engine
+        return engine.renderer.render_cmpl([parse_model_prompt(engine.model_config, prompt)])[0], params
+
+    def _submit(self, rendered: Any, params: SamplingParams) -> set[str]:
+        """The request's ids: ours, and the one the engine may make of it (its outputs carry either)."""
+        given = f"{self.id}-{uuid.uuid4().hex[:8]}"
+        return {given, self.llm.llm_engine.add_request(given, rendered, params)}
+
+    def _wait(self, request_ids: set[str]):
+        engine = self.llm.llm_engine
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.request_id in request_ids and out.finished:
+                    return out
+        raise RuntimeError(f"the engine finished request {min(request_ids)} without an output")
+
     def _run(self, prompt: dict, params: SamplingParams):
-        return self.llm.generate([prompt], params, use_tqdm=False)[0]
+        return self._wait(self._submit(*self._render(prompt, params)))
+
+    def _append_requests(self, frames: Sequence[Any], text: str | None) -> list[tuple[Any, SamplingParams]]:
+        images = decode_frames(frames)
+        return [self._render(*append_request(self.id, images[i:i + self._per_request], text if i == 0 else None))
+                for i in range(0, len(images), self._per_request)]
 
     def append(self, frames: Sequence[Any], text: str | None = None) -> dict:
         """Prefill frames (data URLs, PIL images or arrays) in order; returns the session's counters."""
-        images = decode_frames(frames)
-        for i in range(0, len(images), self._per_request):
-            self._run(*append_request(self.id, images[i:i + self._per_request], text if i == 0 else None))
+        for request in self._append_requests(frames, text):
+            self._wait(self._submit(*request))
         return self.info()
+
+    def stream(self, groups: Iterable[Sequence[Any]]) -> Iterator[dict]:
+        """``append`` for each group of frames in turn, yielding the counters after each. While the engine
+        prefills one group, the next is taken from `groups`, decoded and run through the image processor (a few
+        milliseconds a frame), as a live source's frames keep coming during a prefill; vLLM's engine runs in
+        a process of its own, so the two overlap. Between yields nothing runs: a question then sees every
+        group yielded so far. A bad frame raises once the groups before its own are in."""
+        groups = iter(groups)
+        first = next(groups, None)
+        requests = self._append_requests(first, None) if first is not None else None
+        while requests is not None:
+            *head, tail = requests or [None]
+            for request in head:
+                self._wait(self._submit(*request))
+            last = self._submit(*tail) if tail is not None else None
+            try:
+                group = next(groups, None)
+                requests = self._append_requests(group, None) if group is not None else None
+            finally:  # a bad frame in the next group is raised once this group is in
+                if last is not None:
+                    self._wait(last)
+            yield self.info()
 
     def ask(self, question: str | list[dict], params: SamplingParams | None = None):
         """Answer on a fork of the state (the session is unchanged); a RequestOutput."""
