@@ -5,7 +5,8 @@ before it has finished and flushed. Launched with ``launch_pdl``, a kernel may s
 predecessor runs. Each of ours then keeps one rule: before ``gdc_wait`` it reads only what no kernel of
 the step writes (weights; a recurrent state only it writes), and right after it lets the next kernel
 launch (``gdc_launch_dependents``). A kernel therefore starts early only once its predecessor has passed
-its own wait, so everything before that predecessor has finished.
+its own wait, so everything before that predecessor has finished. The one thing a caller must not do is
+write a product's weights, or a slot's state, in the kernel right before the one that reads them.
 """
 
 from __future__ import annotations
