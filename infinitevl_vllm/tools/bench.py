@@ -431,8 +431,9 @@ class Worker:
         cuda = torch.cuda.is_available()
         eager = (not cuda) if spec.enforce_eager is None else spec.enforce_eager
 
-        self.sampling = SamplingParams(max_tokens=spec.gen_tokens, min_tokens=spec.gen_tokens, ignore_eos=True,
-                                       temperature=0.0, seed=spec.seed)
+        # ignore_eos alone makes every request generate max_tokens (the generation config's other end tokens are
+        # left out of its stop tokens too); min_tokens would add a logits mask to every step of both models
+        self.sampling = SamplingParams(max_tokens=spec.gen_tokens, ignore_eos=True, temperature=0.0, seed=spec.seed)
         args = EngineArgs(
             model=info.path, dtype=spec.dtype, enforce_eager=eager, seed=spec.seed,
             max_model_len=max_model_len(spec, info),
@@ -498,7 +499,7 @@ class Worker:
         if steady:
             longest = max(len(p["prompt_token_ids"]) for p in prompts)
             params = self.sampling.clone()
-            params.max_tokens = params.min_tokens = max(
+            params.max_tokens = max(
                 self.spec.gen_tokens, self.engine.vllm_config.model_config.max_model_len - longest - 1)
         t0 = time.perf_counter()
         ids = [f"bench-{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
