@@ -384,7 +384,7 @@ def test_small_run_of_every_workload_writes_every_result_and_names_the_model_tha
     assert "session" not in twin["raw"]
     assert session["frames"] == 5 and session["appends"] == 3 and session["frames_per_append"] == 2
     assert ours["engine"]["images_per_request"] >= 2  # so an append is one request
-    assert session["fps"] > 0 and session["append_ms_p50"] > 0
+    assert session["fps"] > 0 and session["append_ms_p50"] > 0 and session["prepare_ms_p50"] > 0
     assert [q["frames"] for q in session["questions"]] == [1, 3, 5]
     assert all(q["output_tokens"] == 4 and q["answer_s"] > 0 for q in session["questions"])
     assert session["questions"][2]["tokens"] == session["questions"][0]["tokens"] + 4 * 256  # 256 a frame

@@ -647,16 +647,27 @@ class Worker:
                 "frames": done, "frames_per_append": self.spec.session_append_frames, "appends": len(appends),
                 "fps": done / sum(walls),
                 "append_ms_p50": 1e3 * _percentile(walls, 0.5), "append_ms_p90": 1e3 * _percentile(walls, 0.9),
-                "append_ms_max": 1e3 * max(walls), "questions": answers,
+                "append_ms_max": 1e3 * max(walls),
+                "prepare_ms_p50": 1e3 * _percentile(prepared, 0.5) if prepared else None, "questions": answers,
                 "kv_cache_used_bytes": int(self.stats.kv_usage * budget), **self.memory.peaks()}
             self.save()
 
         sizes = session_append_sizes(n, self.spec.session_append_frames, ask_at)
         starts = itertools.accumulate(sizes, initial=0)
         groups = ([self._frame(start + 1 + i) for i in range(size)] for start, size in zip(starts, sizes))
-        k = 0
+        k, prepared = 0, []
         with StreamSession(_EngineAsLLM(self.engine)) as session:
-            # as a live client streams: the next group is prepared while the engine prefills this one
+            # as a live client streams: the next group is prepared while the engine prefills this one. How long
+            # preparing takes (decoding, the image processor) says whether the engine or the front end sets the pace.
+            prepare = session._append_requests
+
+            def timed_prepare(*args):
+                t = time.perf_counter()
+                requests = prepare(*args)
+                prepared.append(time.perf_counter() - t)
+                return requests
+
+            session._append_requests = timed_prepare
             t0 = time.perf_counter()
             for size, _ in zip(sizes, session.stream(groups)):
                 appends.append((size, time.perf_counter() - t0))
