@@ -125,10 +125,12 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num()))
 
 
-@pytest.mark.parametrize("window,block,nsplit", [(8, 4, 2), (8, 3, 1), (40, 7, 4), (16, 16, 3)])
-def test_swa_paged_decode_matches_ring_reference(window, block, nsplit):
+@pytest.mark.parametrize("window,block,nsplit,Hq,D", [(8, 4, 2, 4, 16), (8, 3, 1, 4, 16), (40, 7, 4, 4, 16),
+                                                       (16, 16, 3, 4, 16), (64, 16, 8, 8, 64)])
+def test_swa_paged_decode_matches_ring_reference(window, block, nsplit, Hq, D):
+    """Against ring.py's reference, split and merged; the last case merges head_dim in two slices, 4 heads a group."""
     g = torch.Generator().manual_seed(4)
-    Hq, Hkv, D = 4, 2, 16
+    Hkv = 2
     positions = [0, 5, window - 1, window, 100, 3 * window + 1]  # fresh, short, full, first wrap, wrapped
     B = len(positions)
     cache, table = paged_ring(B, window, block, Hkv, D, g)
@@ -311,6 +313,41 @@ def test_start_up_compilation_runs_every_prefill_variant_on_scratch_state_only()
     assert torch.equal(q, before[0]) and torch.equal(kv, before[1])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_start_up_compiles_the_conv_at_every_row_alignment_and_tile_a_mixed_batch_reaches(monkeypatch, dtype):
+    """A mixed batch's prefill rows follow its decodes' in the packed projection, so the conv reads from any row;
+    Triton compiles a 16-byte-aligned pointer apart from another, and each tile height apart. The tiny model's
+    projection (772 columns) has unaligned rows in bf16: the H200 bf16 engine compiled the conv while serving."""
+    from infinitevl_kernels.gdn import triton_batch
+
+    T, width, C = 2048, 772, 512  # the smallest prefill chunk vLLM schedules
+    proj = torch.zeros(T, width, dtype=dtype)
+    mixed, a, b = proj[:, :C], proj[:, -4:-2], proj[:, -2:]
+
+    def variant(x: torch.Tensor, max_len: int) -> tuple[bool, int]:
+        return x.data_ptr() % 16 == 0, triton_batch.conv_tile_rows(max_len)
+
+    compiled = set()
+    monkeypatch.setattr(triton_batch, "gdn_prefill_varlen",
+                        lambda x, *args, max_len, **kw: compiled.add(variant(x, max_len)))
+    shape = GDNShape(num_heads=2, head_k_dim=64, head_v_dim=128)
+    layer = GDNLayer(conv_weight=torch.zeros(C, 4), A_log=torch.zeros(2), dt_bias=torch.zeros(2),
+                     conv_state=torch.zeros(0), ssm_state=torch.zeros(0), shape=shape)
+    triton_batch.warm_up_prefill(mixed, a, b, layer, use_fla=False)
+    served = {variant(mixed[decodes:], prefill) for decodes in range(16) for prefill in [*range(1, 80), T - decodes]}
+    assert served <= compiled
+    assert len({aligned for aligned, _ in served}) == (2 if dtype == torch.bfloat16 else 1)
+
+
+def test_decode_split_counts_are_the_ones_measured_fastest_at_the_4b_shape():
+    """benchmarks/results/swa_decode_merge.json (H200, 4B's SWA layers: 2 KV heads, window 8192): batch 1 ran
+    fastest in 64 pieces, batch 54 in 16 (8 and 32 were slower, the former default of 2 slowest)."""
+    from infinitevl_kernels.swa.triton_ring import decode_splits
+
+    assert decode_splits(1, 2, 8192) == 64 and decode_splits(54, 2, 8192) == 16
+    assert all(decode_splits(b, 2, 8192) >= decode_splits(b + 1, 2, 8192) for b in range(1, 1024))
+
+
 def test_start_up_compilation_launches_each_split_count_a_batch_can_pick(monkeypatch):
     """Decode cuts a 512-token window into 1, 2 or 4 pieces depending on the batch: all three are launched once,
     and prefill runs one token, a multiple of 16 and another count."""
@@ -322,6 +359,6 @@ def test_start_up_compilation_launches_each_split_count_a_batch_can_pick(monkeyp
                         lambda q, *a, nsplit, **k: launched.append(("prefill", nsplit, q.shape[0])))
     q, kv = torch.zeros(20, 4, 16), torch.zeros(20, 2, 16)
     triton_ring.warm_up_ring(q, kv, kv, window=512, block_size=16, scale=0.25)
-    assert sorted({triton_ring.decode_splits(b, 2, 512) for b in range(1, 300)}) == [1, 2, 4]
+    assert sorted({triton_ring.decode_splits(b, 2, 512) for b in range(1, 5000)}) == [1, 2, 4]
     assert launched == [("decode", 1), ("decode", 2), ("decode", 4),
                         ("prefill", 1, 1), ("prefill", 1, 16), ("prefill", 1, 17)]  # the interpreter: one split

@@ -18,6 +18,7 @@ Every function here has its torch reference in ``batch.py`` (``gdn_decode_batch`
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import torch
@@ -226,6 +227,11 @@ def _conv_varlen_kernel(
              mask=mh[:, None] & mc[None, :])
 
 
+def conv_tile_rows(max_len: int) -> int:
+    """Token rows a conv program covers at a time: each height is a kernel variant of its own."""
+    return max(16, min(64, triton.next_power_of_2(max(max_len, 1))))
+
+
 def conv_varlen_slots(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -246,7 +252,7 @@ def conv_varlen_slots(
     y = torch.empty(T, C, dtype=x.dtype, device=x.device)
     N = cu_seqlens.numel() - 1
     BC = 32  # 256 programs over 8192 channels even for one sequence
-    BT = max(16, min(64, triton.next_power_of_2(max(max_len, 1))))
+    BT = conv_tile_rows(max_len)
     _conv_varlen_kernel[(N, triton.cdiv(C, BC))](
         x, weight.contiguous(), conv_state, slots, has_initial_state, cu_seqlens, y,
         C, x.stride(0), conv_state.stride(0), conv_state.stride(1), conv_state.stride(2), y.stride(0),
@@ -342,6 +348,13 @@ def _l2norm_buckets(tokens: int, heads: int) -> list[list[int]]:
     return [[nb * L2NORM_BUCKET_ROWS // heads] for nb in range(2, full)]
 
 
+def _packed_row_offsets(x: torch.Tensor) -> tuple[int, ...]:
+    """Row offsets of the packed input that reach both of Triton's alignment classes of a row pointer (16-byte
+    aligned or not). A mixed batch's prefill rows follow its decodes', so they start at any row; where a row is not
+    a multiple of 16 bytes (the tiny model in bf16: 772 columns), every other start is a variant of its own."""
+    return (0,) if x.stride(0) * x.element_size() % 16 == 0 else (0, 1)
+
+
 def warm_up_prefill(mixed_qkv: torch.Tensor, a: torch.Tensor, b: torch.Tensor, layer: GDNLayer, *,
                     use_fla: bool) -> None:
     """Compile every variant the varlen prefill launches (the whole chunk, then ``PREFILL_WARM_UP``'s batches
@@ -360,12 +373,14 @@ def warm_up_prefill(mixed_qkv: torch.Tensor, a: torch.Tensor, b: torch.Tensor, l
     scratch = GDNLayer(conv_weight=layer.conv_weight, A_log=layer.A_log, dt_bias=layer.dt_bias, conv_state=conv,
                        ssm_state=ssm, shape=shape)
     buckets = _l2norm_buckets(T, shape.num_heads) if use_fla else []
-    for lens in ([T], [T // 2, T - T // 2], *PREFILL_WARM_UP, *buckets):
-        if min(lens) < 1 or sum(lens) > T:
-            continue
+    for offset, lens in itertools.product(_packed_row_offsets(mixed_qkv),
+                                          ([T], [T // 2, T - T // 2], *PREFILL_WARM_UP, *buckets)):
         n = sum(lens)
+        if min(lens) < 1 or offset + n > T:
+            continue
+        rows = slice(offset, offset + n)
         cu = torch.tensor([0, *lens], device=dev).cumsum(0).to(torch.int32)  # int32 like vLLM's: same compile keys
         slots = torch.arange(len(lens), dtype=torch.int32, device=dev)
-        gdn_prefill_varlen(mixed_qkv[:n], a[:n], b[:n], scratch, slots=slots,
+        gdn_prefill_varlen(mixed_qkv[rows], a[rows], b[rows], scratch, slots=slots,
                            has_initial_state=torch.tensor([True, False][: len(lens)], device=dev),
                            cu_seqlens=cu, max_len=max(lens), use_fla=use_fla)

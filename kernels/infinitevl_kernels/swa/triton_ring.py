@@ -30,7 +30,7 @@ from ..layout import ring_blocks
 from .ring import PagedRing, ring_decode_attention, ring_prefill_attention
 
 NEG = tl.constexpr(-1.0e30)
-SMS = 132  # an H100/H200's multiprocessors: the split counts aim at about two waves of programs
+SMS = 132  # an H100/H200's multiprocessors: the split counts aim at a number of waves of programs
 
 
 def _dot_precision(x: torch.Tensor) -> str:
@@ -144,35 +144,42 @@ def _swa_decode_split_kernel(
 @triton.jit
 def _swa_decode_merge_kernel(
     m_ptr, l_ptr, acc_ptr, o_ptr, stride_ob, stride_oh,
-    NSPLIT: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DB: tl.constexpr, PDL: tl.constexpr,
+    NSPLIT: tl.constexpr, SP: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+    DB: tl.constexpr, PDL: tl.constexpr,
 ):
+    # One program per (sequence, query head, slice of head_dim) reads all its splits' partials in one 2D load:
+    # at batch 1 a window is cut into 64 splits, and a loop over them was a chain of 64 dependent loads.
     b = tl.program_id(0)
-    kvh = tl.program_id(1)
+    h = tl.program_id(1)
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    rg = tl.arange(0, GP)
-    mg = rg < G
-    rd = tl.program_id(2) * DB + tl.arange(0, DB)  # programs split head_dim: batch 1 has few (b, kvh)
-    base = (b * tl.num_programs(1) + kvh) * NSPLIT
-    M = tl.full([GP], NEG, tl.float32)
-    for s in tl.static_range(NSPLIT):
-        M = tl.maximum(M, tl.load(m_ptr + (base + s) * GP + rg, mask=mg, other=NEG))
-    L = tl.zeros([GP], tl.float32)
-    acc = tl.zeros([GP, DB], tl.float32)
-    for s in tl.static_range(NSPLIT):
-        w = tl.exp(tl.load(m_ptr + (base + s) * GP + rg, mask=mg, other=NEG) - M)
-        L += w * tl.load(l_ptr + (base + s) * GP + rg, mask=mg, other=0.0)
-        acc += w[:, None] * tl.load(acc_ptr + ((base + s) * GP + rg)[:, None] * D + rd[None, :], mask=mg[:, None],
-                                    other=0.0)
-    tl.store(o_ptr + b * stride_ob + (kvh * G + rg)[:, None] * stride_oh + rd[None, :],
-             (acc / tl.maximum(L, 1e-30)[:, None]).to(o_ptr.dtype.element_ty), mask=mg[:, None])
+    kvh = h // G
+    rs = tl.arange(0, SP)
+    ms = rs < NSPLIT
+    rows = ((b * (tl.num_programs(1) // G) + kvh) * NSPLIT + rs) * GP + h % G
+    rd = tl.program_id(2) * DB + tl.arange(0, DB)
+    m = tl.load(m_ptr + rows, mask=ms, other=NEG)
+    w = tl.exp(m - tl.max(m, 0))
+    L = tl.sum(w * tl.load(l_ptr + rows, mask=ms, other=0.0), 0)
+    acc = tl.load(acc_ptr + rows[:, None] * D + rd[None, :], mask=ms[:, None], other=0.0)
+    o = tl.sum(w[:, None] * acc, 0) / tl.maximum(L, 1e-30)
+    tl.store(o_ptr + b * stride_ob + h * stride_oh + rd, o.to(o_ptr.dtype.element_ty))
+
+
+DECODE_WAVES = 16  # decode programs aimed at, in units of the GPU's multiprocessors
 
 
 def decode_splits(batch: int, kv_heads: int, window: int, sms: int = SMS) -> int:
-    """How many pieces to cut each window into so that about two waves of programs run."""
-    want = max(1, (2 * sms) // max(1, batch * kv_heads))
-    return int(min(64, triton.next_power_of_2(want), max(1, window // 128)))
+    """How many pieces (a power of two, at least 128 keys each) to cut each window into: enough for about
+    `DECODE_WAVES` waves of programs. On an H200 a step's 9 SWA decodes at batch 54 took 1.59 ms in 2 pieces
+    and 1.27 ms in 16; batch 1 is fastest in 64 (benchmarks/results/swa_decode_merge.json)."""
+    want = max(1, (DECODE_WAVES * sms) // max(1, batch * kv_heads))
+    return min(64, _floor_pow2(want), _floor_pow2(max(1, window // 128)))
+
+
+def _floor_pow2(n: int) -> int:
+    return 1 << (n.bit_length() - 1)
 
 
 def swa_paged_decode(
@@ -221,9 +228,9 @@ def swa_paged_decode(
     )
     if nsplit > 1:
         DB = min(D, 32)
-        _swa_decode_merge_kernel[(B, Hkv, D // DB)](m, lsum, acc, o, o.stride(0), o.stride(1),
-                                                    NSPLIT=nsplit, G=G, GP=GP, D=D, DB=DB, PDL=pdl, num_warps=4,
-                                                    launch_pdl=pdl)
+        _swa_decode_merge_kernel[(B, Hq, D // DB)](m, lsum, acc, o, o.stride(0), o.stride(1),
+                                                   NSPLIT=nsplit, SP=triton.next_power_of_2(nsplit), G=G, GP=GP,
+                                                   D=D, DB=DB, PDL=pdl, num_warps=4, launch_pdl=pdl)
     return o
 
 
@@ -451,8 +458,8 @@ def warm_up_ring(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
     cache = torch.zeros(blocks, Hkv, block_size, 2 * D, dtype=k.dtype, device=dev)
     table = torch.arange(blocks, dtype=torch.int32, device=dev)[None]
     i32 = dict(dtype=torch.int32, device=dev)
-    programs = range(1, 2 * SMS + 1)  # every count of sequences / query tiles that changes the split count
-    for nsplit in sorted({decode_splits(b, Hkv, window) for b in programs}):
+    programs = range(1, 2 * SMS + 1)  # every count of query tiles that changes prefill's split count
+    for nsplit in sorted({decode_splits(b, Hkv, window) for b in range(1, DECODE_WAVES * SMS + 1)}):
         swa_paged_decode(q[:1], k[:1], v[:1], cache, table, torch.tensor([window + 1], **i32), window, scale,
                          nsplit=nsplit)
     rows = _query_rows(q, q.shape[1] // Hkv)
