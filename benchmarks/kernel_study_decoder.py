@@ -38,7 +38,7 @@ from infinitevl_kernels.layout import (
 )
 from infinitevl_kernels.swa.triton_ring import swa_paged_decode, swa_paged_prefill
 from infinitevl_kernels.triton_ops import (
-    gated_rmsnorm_heads,
+    gated_norm_linear,
     linear,
     norm_linear,
     rmsnorm,
@@ -219,7 +219,7 @@ class InfiniteVLDecoderGPU:
             cu, _, has_init, max_len = meta
             o = gdn_prefill_varlen(mixed, a, b, layer, slots=slots, has_initial_state=has_init, cu_seqlens=cu,
                                    max_len=max_len)
-        return linear(gated_rmsnorm_heads(o, gate, L["o_norm"], d.norm_eps), L["o"]), x
+        return gated_norm_linear(o, gate, L["o_norm"], d.norm_eps, L["o"]), x
 
     def _swa(self, L, j, x, h, cos, sin, decode: bool, table, meta, token_pos):
         d = self.d

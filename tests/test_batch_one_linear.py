@@ -13,6 +13,7 @@ from torch import nn
 from infinitevl_vllm.model.batch_one_linear import (
     BatchOneHeadMethod,
     BatchOneLinearMethod,
+    gated_norm_linear_into,
     linear_into,
     use_batch_one_products,
 )
@@ -66,6 +67,41 @@ def test_linear_into_fills_the_given_rows_with_the_product(rows: int):
     linear_into(layer, x, output[:rows])
     torch.testing.assert_close(output[:rows], torch.nn.functional.linear(x, layer.weight), rtol=1e-6, atol=1e-6)
     assert output[rows].isnan().all()
+
+
+def test_the_gdn_output_norm_goes_inside_the_product_only_where_the_product_is_ours(monkeypatch):
+    """The GDN layer's gated norm + output projection: one fused pass where the layer has the batch-1 product (the
+    pass itself is checked under Triton's interpreter, tests/triton); the norm launch, then the layer's own product,
+    elsewhere (here a layer left with vLLM's method). Both fill only the given rows, with the same numbers."""
+    from infinitevl_kernels import triton_ops
+    from infinitevl_kernels.gdn.reference import gated_rmsnorm
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+    def normed(o, gate, w, eps):
+        return gated_rmsnorm(o, gate.reshape(o.shape), w, eps).reshape(gate.shape)
+
+    calls = []  # torch stand-ins for the Triton launches (no interpreter in this process)
+    monkeypatch.setattr(triton_ops, "gated_rmsnorm_heads", lambda *a: calls.append("norm") or normed(*a))
+    monkeypatch.setattr(triton_ops, "gated_norm_linear", lambda o, gate, w, eps, weight, out: calls.append("fused")
+                        or out.copy_(torch.nn.functional.linear(normed(o, gate, w, eps), weight)))
+    o_norm = nn.Module()
+    o_norm.weight, o_norm.eps = nn.Parameter(torch.rand(8) + 0.5, requires_grad=False), 1e-6
+    g = torch.Generator().manual_seed(5)
+    o, proj = torch.randn(1, 5, 8, generator=g), torch.randn(1, 3 + 40 + 2, generator=g)
+    gate = proj[:, 3:43]
+    ours, vllms = _layer(UnquantizedLinearMethod(), bias=False), _layer(UnquantizedLinearMethod(), bias=False)
+    use_batch_one_products([ours], _layer(None))
+    vllms.forward = lambda x: (torch.nn.functional.linear(x, vllms.weight), None)  # a linear layer's (out, bias)
+    outputs = []
+    for layer, path in [(ours, ["fused"]), (vllms, ["norm"])]:
+        calls.clear()
+        output = torch.full((2, 24), float("nan"))
+        gated_norm_linear_into(o_norm, layer, o, gate, output[:1])
+        assert calls == path and output[1].isnan().all()
+        outputs.append(output[0])
+    torch.testing.assert_close(outputs[0], outputs[1])
+    torch.testing.assert_close(outputs[0], torch.nn.functional.linear(normed(o, gate, o_norm.weight, 1e-6),
+                                                                      ours.weight)[0])
 
 
 @pytest.mark.parametrize("rows", [1, 3])

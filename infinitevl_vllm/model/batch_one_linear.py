@@ -81,10 +81,25 @@ def linear_into(linear: nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
     """``out[:] = linear(x)``, from inside a custom op that owns its output (the GDN layer's). With the batch-1 product
     on one GPU the product is written in place: the decode graph then has no copy node after it, which would also
     break the chain of programmatically launched kernels (infinitevl_kernels.launch)."""
-    if isinstance(linear.quant_method, _BatchOneProduct) and getattr(linear, "tp_size", 1) == 1 and linear.bias is None:
+    if _writes_in_place(linear):
         triton_ops.linear(x, linear.weight, out=out)
     else:
         out.copy_(linear(x)[0])
+
+
+def gated_norm_linear_into(norm: nn.Module, linear: nn.Module, o: torch.Tensor, gate: torch.Tensor,
+                           out: torch.Tensor) -> None:
+    """``out[:] = linear(norm(o, gate))`` for the GDN layer's output on CUDA, from inside its op. With the batch-1
+    product on one GPU the gated norm runs inside the product's pass at batch 1: one launch a layer fewer."""
+    if _writes_in_place(linear):
+        triton_ops.gated_norm_linear(o, gate, norm.weight, norm.eps, linear.weight, out=out)
+    else:
+        linear_into(linear, triton_ops.gated_rmsnorm_heads(o, gate, norm.weight, norm.eps), out)
+
+
+def _writes_in_place(linear: nn.Module) -> bool:
+    return (isinstance(linear.quant_method, _BatchOneProduct) and getattr(linear, "tp_size", 1) == 1
+            and linear.bias is None)
 
 
 _timed: set[tuple] = set()  # (shape, dtype) already timed in this process: layers of one shape share it

@@ -37,7 +37,6 @@ from infinitevl_kernels.layout import (
     rope_of,
 )
 from infinitevl_kernels.rope import apply_rope, mrope_cos_sin
-from infinitevl_kernels.triton_ops import gated_rmsnorm_heads
 from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
@@ -76,7 +75,7 @@ from vllm.v1.attention.backends.gdn_attn import (
 
 from ..config import InfiniteVLTextConfig
 from ..vllm_patches import keep_conv_weight_layout, without_triton_allocator
-from .batch_one_linear import linear_into, norm_linear, norm_mlp, use_batch_one_products
+from .batch_one_linear import gated_norm_linear_into, linear_into, norm_linear, norm_mlp, use_batch_one_products
 from .ring_attention import RingSlidingWindowAttention
 from .step_requests import StepRequests, step_requests_of
 
@@ -188,11 +187,11 @@ class InfiniteVLGatedDeltaNet(OlmoHybridGatedDeltaNetAttention):
         mixed_qkv, gate, a, b = proj.split([self.conv_dim // self.tp_size, heads * dv, heads, heads], dim=-1)
         core = torch.empty(n, heads, dv, dtype=hidden_states.dtype, device=hidden_states.device)
         self._forward_core(mixed_qkv=mixed_qkv, b=b, a=a, core_attn_out=core)
-        if core.is_cuda:  # one launch; o_norm runs as ~10 torch ops inside this op, which inductor never sees
-            normed = gated_rmsnorm_heads(core, gate, self.o_norm.weight, self.o_norm.eps)
+        if core.is_cuda:  # o_norm would run as ~10 torch ops inside this op, which inductor never sees
+            gated_norm_linear_into(self.o_norm, self.o_proj, core, gate, output[:n])
         else:
             normed = self.o_norm(core.view(n * heads, dv), gate.reshape(n * heads, dv)).view(n, heads * dv)
-        linear_into(self.o_proj, normed, output[:n])
+            linear_into(self.o_proj, normed, output[:n])
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """vLLM's loader, except the fused conv: its loader takes the shard id the WeightsMapper put on each

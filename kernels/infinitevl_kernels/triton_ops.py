@@ -158,7 +158,7 @@ def rope_qk_inplace(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
 # whole K range, and the prologue (residual add + RMSNorm, or SwiGLU) is recomputed per program from
 # the small input vector, which sits in L2.
 
-PRO_NONE, PRO_NORM, PRO_SILU = 0, 1, 2
+PRO_NONE, PRO_NORM, PRO_SILU, PRO_GATED = 0, 1, 2, 3
 
 # (N, K, weight dtype) -> (BN, BK, num_warps), or None where cuBLAS is faster: choose_matvec fills it on the GPU
 # at hand (the served model, at load), as benchmarks/gpu_h100.py's gemv_sweep does for the kernel study. Keyed by
@@ -174,9 +174,17 @@ def _weight_tile(w_ptr, rn, mn, rk, K, stride_w, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _input_tile(x_ptr, h_ptr, nw_ptr, rk, K, r, dtype, PRO: tl.constexpr, HAS_ADD: tl.constexpr):
+def _input_tile(x_ptr, h_ptr, nw_ptr, rk, K, r, eps, dtype, PRO: tl.constexpr, HAS_ADD: tl.constexpr,
+                BK: tl.constexpr, GD: tl.constexpr):
     """The product's input over columns rk, in float32, rounded as the unfused ops round it."""
     mk = rk < K
+    if PRO == 3:  # the GDN output's gated RMSNorm, per head of GD columns (a tile holds whole heads)
+        o = tl.load(x_ptr + rk, mask=mk, other=0.0).to(tl.float32)
+        g = tl.load(h_ptr + rk, mask=mk, other=0.0).to(tl.float32)
+        nw = tl.load(nw_ptr + rk % GD, mask=mk, other=0.0).to(tl.float32)
+        ss = tl.sum(tl.reshape(o * o, [BK // GD, GD]), 1)
+        rs = tl.reshape(tl.broadcast_to(tl.rsqrt(ss / GD + eps)[:, None], [BK // GD, GD]), [BK])
+        return (o * rs * nw * (g / (1.0 + tl.exp(-g)))).to(dtype).to(tl.float32)
     if PRO == 2:  # SwiGLU of a gate|up vector, rounded as silu_mul's output
         g = tl.load(x_ptr + rk, mask=mk, other=0.0).to(tl.float32)
         u = tl.load(x_ptr + K + rk, mask=mk, other=0.0).to(tl.float32)
@@ -193,7 +201,7 @@ def _input_tile(x_ptr, h_ptr, nw_ptr, rk, K, r, dtype, PRO: tl.constexpr, HAS_AD
 @triton.jit
 def _matvec_kernel(x_ptr, h_ptr, nw_ptr, xo_ptr, w_ptr, b_ptr, y_ptr, N, K, eps, stride_w,
                    PRO: tl.constexpr, HAS_ADD: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-                   BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
+                   BN: tl.constexpr, BK: tl.constexpr, GD: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)
     rn = pid * BN + tl.arange(0, BN)
     mn = rn < N
@@ -217,11 +225,13 @@ def _matvec_kernel(x_ptr, h_ptr, nw_ptr, xo_ptr, w_ptr, b_ptr, y_ptr, N, K, eps,
                     tl.store(xo_ptr + rk, xf.to(xv.dtype), mask=mk)
             ss += xf * xf
         r = tl.rsqrt(tl.sum(ss, 0) / K + eps)
-    acc = w.to(tl.float32) * _input_tile(x_ptr, h_ptr, nw_ptr, rk0, K, r, w.dtype, PRO, HAS_ADD)[None, :]
+    acc = w.to(tl.float32) * _input_tile(x_ptr, h_ptr, nw_ptr, rk0, K, r, eps, w.dtype, PRO, HAS_ADD, BK,
+                                         GD)[None, :]
     for k0 in range(BK, K, BK):
         rk = k0 + rk0
         w = _weight_tile(w_ptr, rn, mn, rk, K, stride_w, EVEN_K)
-        acc += w.to(tl.float32) * _input_tile(x_ptr, h_ptr, nw_ptr, rk, K, r, w.dtype, PRO, HAS_ADD)[None, :]
+        acc += w.to(tl.float32) * _input_tile(x_ptr, h_ptr, nw_ptr, rk, K, r, eps, w.dtype, PRO, HAS_ADD, BK,
+                                              GD)[None, :]
     y = tl.sum(acc, 1)
     if HAS_BIAS:
         y += tl.load(b_ptr + rn, mask=mn, other=0.0).to(tl.float32)
@@ -245,18 +255,21 @@ def _triton_runs(x: torch.Tensor) -> bool:
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _matvec(x, w, bias=None, pro=PRO_NONE, h=None, nw=None, eps=0.0, xo=None, config=None, out=None):
+def _matvec(x, w, bias=None, pro=PRO_NONE, h=None, nw=None, eps=0.0, xo=None, config=None, out=None,
+            head_dim=1):
     N, K = w.shape
     if w.stride(1) != 1 or x.stride(-1) != 1:
         raise ValueError("matvec needs unit stride over K")
     y = torch.empty(1, N, dtype=x.dtype, device=x.device) if out is None else out
     BN, BK, warps = config or _matvec_config(N, K, w.dtype, x.is_cuda)
+    if BK % head_dim:
+        raise ValueError(f"a {BK}-column tile does not hold whole heads of {head_dim}")
     pdl = dependent_launch(x.device)
     dummy = x
     _matvec_kernel[(triton.cdiv(N, BN),)](
         x, dummy if h is None else h, dummy if nw is None else nw, dummy if xo is None else xo, w,
         dummy if bias is None else bias, y, N, K, eps, w.stride(0),
-        PRO=pro, HAS_ADD=h is not None, HAS_BIAS=bias is not None, EVEN_K=K % BK == 0, BN=BN, BK=BK,
+        PRO=pro, HAS_ADD=h is not None, HAS_BIAS=bias is not None, EVEN_K=K % BK == 0, BN=BN, BK=BK, GD=head_dim,
         PDL=pdl, num_warps=warps, launch_pdl=pdl,
     )
     return y
@@ -341,6 +354,19 @@ def norm_linear(x: torch.Tensor, h: torch.Tensor | None, norm_w: torch.Tensor, e
     else:
         n, s = add_rmsnorm_ref(x, h, norm_w, eps)
     return torch.nn.functional.linear(n, w, bias), s
+
+
+def gated_norm_linear(o: torch.Tensor, gate: torch.Tensor, norm_w: torch.Tensor, eps: float, w: torch.Tensor,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """gated_rmsnorm_heads(o, gate) @ w^T: the GDN layer's output norm and projection, in one pass at batch 1
+    (27 launches fewer a step at the 4B shape); a norm launch and ``linear`` otherwise. o [T, H, D] contiguous,
+    gate [T, H*D] with unit column stride; ``out`` as ``linear``'s."""
+    T, H, D = o.shape
+    x = o.reshape(T, H * D)
+    if (_use_matvec(x, w) and gate.stride(-1) == 1 and (out is None or out.is_contiguous())
+            and _matvec_config(*w.shape, w.dtype, x.is_cuda)[1] % D == 0):
+        return _matvec(x, w, pro=PRO_GATED, h=gate, nw=norm_w, eps=eps, out=out, head_dim=D)
+    return linear(gated_rmsnorm_heads(o, gate, norm_w, eps), w, out=out)
 
 
 def silu_linear(gate_up: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

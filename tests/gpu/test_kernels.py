@@ -60,3 +60,27 @@ def test_norm_and_mlp_products_at_4b_shapes(rows: int):
     cublas = ((torch.nn.functional.silu(cublas_gu[:, :inter].float()) * cublas_gu[:, inter:].float()).to(bf)
               @ w_down.t())
     assert float((out.double() - exact).abs().max()) <= 2 * float((cublas.double() - exact).abs().max()) + 1e-3
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_gdn_output_norm_and_projection_at_4b_shapes(rows: int):
+    """The GDN layer's gated norm and output projection as the served decoder runs them (at batch 1 the norm inside
+    the product's pass, the gate read in place from the input projection): as close to a float64 norm + product
+    as the norm launch followed by cuBLAS is."""
+    from infinitevl_kernels import triton_ops
+    from infinitevl_kernels.gdn.reference import gated_rmsnorm
+
+    g = torch.Generator(device="cuda").manual_seed(rows)
+    heads, dv, hidden, eps = 16, 256, 2048, 1e-6
+    bf = torch.bfloat16
+    o = torch.randn(rows, heads, dv, device="cuda", generator=g).to(bf)
+    proj = torch.randn(rows, 12320, device="cuda", generator=g).to(bf)
+    gate = proj[:, 8192 : 8192 + heads * dv]
+    nw = (torch.rand(dv, device="cuda", generator=g) + 0.5).to(bf)
+    w = (torch.randn(hidden, heads * dv, device="cuda", generator=g) * (heads * dv) ** -0.5).to(bf)
+    triton_ops.choose_matvec(w)
+    out = triton_ops.gated_norm_linear(o, gate, nw, eps, w)
+    exact = gated_rmsnorm(o.double(), gate.double().reshape(rows, heads, dv), nw.double(), eps).reshape(rows, -1)
+    exact = exact @ w.double().t()
+    two = triton_ops.gated_rmsnorm_heads(o, gate, nw, eps) @ w.t()
+    assert float((out.double() - exact).abs().max()) <= 2 * float((two.double() - exact).abs().max()) + 1e-3

@@ -288,6 +288,29 @@ def test_gated_rmsnorm_reads_the_gate_in_place_in_a_wider_projection():
         gated_rmsnorm_heads(o[..., :24], gate[:, : H * 24], w[:24], 1e-6)
 
 
+@pytest.mark.parametrize("T", [1, 2])  # one matrix-vector pass with the norm in its prologue; a norm launch + torch's
+@pytest.mark.parametrize("H,D,N", [(4, 32, 24), (3, 32, 16)])  # tiles of whole heads, and a ragged last tile
+def test_gdn_output_norm_inside_the_output_projection_equals_the_two_launches(T, H, D, N):
+    """The served GDN layer's gated norm and output projection, in one pass at batch 1: the same product as the
+    norm launch (its bf16 rounding included) followed by the projection, with the gate read in place."""
+    from infinitevl_kernels.gdn.reference import gated_rmsnorm
+    from infinitevl_kernels.triton_ops import gated_norm_linear, gated_rmsnorm_heads, linear
+
+    g = torch.Generator().manual_seed(13)
+    o = torch.randn(T, H, D, generator=g)
+    proj = torch.randn(T, 5 + H * D + 3, generator=g)
+    gate, nw = proj[:, 5 : 5 + H * D], torch.rand(D, generator=g) + 0.5
+    w = torch.randn(N, H * D, generator=g)
+    ref = gated_rmsnorm(o.double(), gate.double().reshape(T, H, D), nw.double(), 1e-6).reshape(T, H * D)
+    assert rel(gated_norm_linear(o, gate, nw, 1e-6, w), ref @ w.double().t()) < 1e-5
+    ob, gb, nwb, wb = o.bfloat16(), proj.bfloat16()[:, 5 : 5 + H * D], nw.bfloat16(), w.bfloat16()
+    rows = torch.full((T + 1, N), float("nan"), dtype=torch.bfloat16)
+    fused = gated_norm_linear(ob, gb, nwb, 1e-6, wb, out=rows[:T])
+    two = linear(gated_rmsnorm_heads(ob, gb, nwb, 1e-6), wb)
+    assert fused.data_ptr() == rows.data_ptr() and rows[T].isnan().all()
+    torch.testing.assert_close(fused.float(), two.float(), rtol=2**-7, atol=1e-2)
+
+
 def test_start_up_compilation_runs_every_prefill_variant_on_scratch_state_only():
     """The warm-ups a server runs at start-up (every split count and token-count class) touch no real state."""
     from infinitevl_kernels.gdn.triton_batch import warm_up_prefill

@@ -49,16 +49,21 @@ def _conv_decode_kernel(
     b = tl.program_id(0)
     offs = tl.program_id(1) * BC + tl.arange(0, BC)
     m = offs < C
-    if PDL:  # the caller's kernel before may have written the slots, so nothing is read before the wait
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    # Before the wait: the slot, the weights and the slot's history, none of which the kernel before writes (in
+    # the served step, the input projection: the slots were written before the step's first kernel, and this
+    # layer's conv state only here). Only the input row needs the wait.
     slot = tl.load(slot_ptr + b).to(tl.int64)
-    x = tl.load(x_ptr + b * stride_xb + offs, mask=m, other=0.0).to(tl.float32)
     base = state_ptr + slot * stride_sb + offs * stride_sc
-    acc = x * tl.load(w_ptr + offs * K + (K - 1), mask=m, other=0.0).to(tl.float32)
+    acc = tl.zeros([BC], tl.float32)
     for j in tl.static_range(K - 1):
         h = tl.load(base + j * stride_sk, mask=m, other=0.0).to(tl.float32)
         acc += h * tl.load(w_ptr + offs * K + j, mask=m, other=0.0).to(tl.float32)
+    w_last = tl.load(w_ptr + offs * K + (K - 1), mask=m, other=0.0).to(tl.float32)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    x = tl.load(x_ptr + b * stride_xb + offs, mask=m, other=0.0).to(tl.float32)
+    acc += x * w_last
     # shift the history left by one and append x (each channel belongs to this program alone)
     for j in tl.static_range(K - 2):
         h = tl.load(base + (j + 1) * stride_sk, mask=m, other=0.0)
@@ -125,11 +130,13 @@ def conv_decode_slots(
         raise ValueError("conv kernel size must be at least 2")
     if x.stride(-1) != 1:
         raise ValueError("x needs unit stride over channels")
+    if not weight.is_contiguous():  # a copy here would be the kernel right before, writing what it reads early
+        raise ValueError("the conv weight must be contiguous")
     y = torch.empty(B, C, dtype=x.dtype, device=x.device) if out is None else out
     BC = 256
     pdl = dependent_launch(x.device)
     _conv_decode_kernel[(B, triton.cdiv(C, BC))](
-        x, weight.contiguous(), conv_state, slots, y,
+        x, weight, conv_state, slots, y,
         C, x.stride(0), conv_state.stride(0), conv_state.stride(1), conv_state.stride(2), y.stride(0),
         K=K, BC=BC, PDL=pdl, launch_pdl=pdl,
     )
