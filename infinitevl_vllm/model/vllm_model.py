@@ -37,6 +37,7 @@ from infinitevl_kernels.layout import (
     rope_of,
 )
 from infinitevl_kernels.rope import apply_rope, mrope_cos_sin
+from infinitevl_kernels.triton_ops import rope_qk
 from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
@@ -67,6 +68,7 @@ from vllm.model_executor.models.utils import (
     maybe_prefix,
 )
 from vllm.platforms import current_platform
+from vllm.utils.torch_utils import direct_register_custom_op
 from vllm.v1.attention.backends.gdn_attn import (
     GDNAttentionBackend,
     GDNAttentionMetadata,
@@ -276,6 +278,22 @@ class InfiniteVLGatedDeltaNet(OlmoHybridGatedDeltaNetAttention):
         gdn_forward_batch(mixed_qkv[:n], a[:n], b[:n], layer, batch=batch, out=core_attn_out)
 
 
+def _rope_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
+             head_dim: int) -> torch.Tensor:
+    return rope_qk(qkv, heads, kv_heads, head_dim, cos, sin)
+
+
+def _rope_qk_fake(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
+                  head_dim: int) -> torch.Tensor:
+    return qkv.new_empty((qkv.shape[0], (heads + kv_heads) * head_dim))
+
+
+# The SWA layer's RoPE on CUDA: one launch of ours, which takes part in the programmatic launches of the products
+# around it (infinitevl_kernels.launch); inductor's kernel for the same ops would wait for the product before it
+# to finish, and make the ring attention after it wait too.
+direct_register_custom_op("infinitevl_rope_qk", _rope_qk, fake_impl=_rope_qk_fake)
+
+
 class InfiniteVLSlidingAttention(nn.Module):
     """Qwen2.5 attention (q/k/v bias, GQA, M-RoPE) over the last `attention_window` tokens, whose KV
     is a fixed ring per sequence (see ring_attention.py)."""
@@ -306,8 +324,12 @@ class InfiniteVLSlidingAttention(nn.Module):
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         n = q.shape[0]
         cos, sin = rope
-        q = apply_rope(q.view(n, self.num_heads, self.head_dim), cos, sin).view(n, self.q_size)
-        k = apply_rope(k.view(n, self.num_kv_heads, self.head_dim), cos, sin).view(n, self.kv_size)
+        if qkv.is_cuda:
+            qk = torch.ops.vllm.infinitevl_rope_qk(qkv, cos, sin, self.num_heads, self.num_kv_heads, self.head_dim)
+            q, k = qk.split([self.q_size, self.kv_size], dim=-1)
+        else:
+            q = apply_rope(q.view(n, self.num_heads, self.head_dim), cos, sin).view(n, self.q_size)
+            k = apply_rope(k.view(n, self.num_kv_heads, self.head_dim), cos, sin).view(n, self.kv_size)
         out, _ = self.o_proj(self.attn(q, k, v))
         return out
 

@@ -113,8 +113,8 @@ def gated_rmsnorm_heads(o: torch.Tensor, gate: torch.Tensor, weight: torch.Tenso
 
 
 @triton.jit
-def _rope_kernel(x_ptr, cos_ptr, sin_ptr, stride_t, stride_h, stride_c, HALF: tl.constexpr, HP: tl.constexpr,
-                 PDL: tl.constexpr):
+def _rope_kernel(x_ptr, y_ptr, cos_ptr, sin_ptr, stride_t, stride_h, stride_yt, stride_yh, stride_c,
+                 HALF: tl.constexpr, HP: tl.constexpr, PDL: tl.constexpr):
     t = tl.program_id(0)
     h = tl.program_id(1)
     if PDL:
@@ -122,23 +122,29 @@ def _rope_kernel(x_ptr, cos_ptr, sin_ptr, stride_t, stride_h, stride_c, HALF: tl
         tl.extra.cuda.gdc_launch_dependents()
     r = tl.arange(0, HP)
     m = r < HALF
-    base = x_ptr + t * stride_t + h * stride_h
-    a = tl.load(base + r, mask=m).to(tl.float32)
-    b = tl.load(base + HALF + r, mask=m).to(tl.float32)
     c1 = tl.load(cos_ptr + t * stride_c + r, mask=m)
     s1 = tl.load(sin_ptr + t * stride_c + r, mask=m)
     c2 = tl.load(cos_ptr + t * stride_c + HALF + r, mask=m)
     s2 = tl.load(sin_ptr + t * stride_c + HALF + r, mask=m)
-    tl.store(base + r, (a * c1 - b * s1).to(x_ptr.dtype.element_ty), mask=m)
-    tl.store(base + HALF + r, (b * c2 + a * s2).to(x_ptr.dtype.element_ty), mask=m)
+    base = x_ptr + t * stride_t + h * stride_h
+    a = tl.load(base + r, mask=m).to(tl.float32)
+    b = tl.load(base + HALF + r, mask=m).to(tl.float32)
+    out = y_ptr + t * stride_yt + h * stride_yh
+    tl.store(out + r, (a * c1 - b * s1).to(y_ptr.dtype.element_ty), mask=m)
+    tl.store(out + HALF + r, (b * c2 + a * s2).to(y_ptr.dtype.element_ty), mask=m)
+
+
+def _rope(x: torch.Tensor, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    T, H, D = x.shape
+    cos, sin = cos.contiguous(), sin.contiguous()
+    pdl = dependent_launch(x.device)
+    _rope_kernel[(T, H)](x, y, cos, sin, x.stride(0), x.stride(1), y.stride(0), y.stride(1), cos.stride(0),
+                         HALF=D // 2, HP=triton.next_power_of_2(D // 2), PDL=pdl, launch_pdl=pdl)
 
 
 def rope_inplace(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    """Rotate-half RoPE in place on x [T, H, D] (a view is fine); cos/sin [T, D] float32 contiguous."""
-    T, H, D = x.shape
-    pdl = dependent_launch(x.device)
-    _rope_kernel[(T, H)](x, cos, sin, x.stride(0), x.stride(1), cos.stride(0), HALF=D // 2,
-                         HP=triton.next_power_of_2(D // 2), PDL=pdl, launch_pdl=pdl)
+    """Rotate-half RoPE in place on x [T, H, D] (a view is fine); cos/sin [T, D] float32."""
+    _rope(x, x, cos, sin)
 
 
 def rope_qk_inplace(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int, cos: torch.Tensor,
@@ -148,6 +154,17 @@ def rope_qk_inplace(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
     T = qkv.shape[0]
     qk = qkv[:, : (heads + kv_heads) * head_dim].view(T, heads + kv_heads, head_dim)
     rope_inplace(qk, cos, sin)
+
+
+def rope_qk(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int, cos: torch.Tensor,
+            sin: torch.Tensor) -> torch.Tensor:
+    """``rope_qk_inplace`` into a new [T, (Hq+Hkv)*D] tensor (q then k), qkv left as it is: for a custom op,
+    which may not write its input."""
+    T = qkv.shape[0]
+    qk = qkv[:, : (heads + kv_heads) * head_dim].view(T, heads + kv_heads, head_dim)
+    y = torch.empty(T, heads + kv_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    _rope(qk, y, cos, sin)
+    return y.view(T, -1)
 
 
 # -- batch-1 matrix-vector products with fused prologues ---------------------------------------------
