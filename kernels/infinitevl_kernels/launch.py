@@ -2,11 +2,13 @@
 
 At batch 1 a decode step is ~300 short kernels, and each would otherwise start only after the one
 before it has finished and flushed. Launched with ``launch_pdl``, a kernel may start while its
-predecessor runs. Each of ours then keeps one rule: before ``gdc_wait`` it reads only what no kernel of
-the step writes (weights; a recurrent state only it writes), and right after it lets the next kernel
-launch (``gdc_launch_dependents``). A kernel therefore starts early only once its predecessor has passed
-its own wait, so everything before that predecessor has finished. The one thing a caller must not do is
-write a product's weights, or a slot's state, in the kernel right before the one that reads them.
+predecessor runs. Each of ours then keeps one rule: before ``gdc_wait`` it reads nothing the kernel launched
+right before it may write, and right after the wait it lets the next kernel launch
+(``gdc_launch_dependents``). A kernel therefore starts early only once its predecessor has passed its own
+wait, so everything launched before that predecessor has finished. Before its wait a kernel may read weights,
+its own recurrent state, the step's metadata (slots, positions, page tables) and the outputs of any kernel but
+the last one. The one thing a caller must not do is write such an input in the kernel right before the one
+that reads it.
 """
 
 from __future__ import annotations

@@ -84,13 +84,18 @@ def _gdn_decode_kernel(
     h = tl.program_id(1)
     rv = tl.program_id(2) * BV + tl.arange(0, BV)
     rk = tl.arange(0, DK)
-    # The kernel before is always the conv's (gdn_decode_slots), which writes neither the slots nor this
-    # state: both stream in while it runs (see launch.py).
+    # The kernel before is always the conv's (gdn_decode_slots), which writes neither the slots nor this state,
+    # nor a and b: it has passed its own wait, so the kernel that wrote them has finished. All of it streams in
+    # while the conv runs (see launch.py); only the conv's output needs the wait.
     slot = tl.load(slot_ptr + bi).to(tl.int64)
     sp = ssm_ptr + slot * stride_sb + h * stride_sh + rv[:, None] * stride_sv + rk[None, :]
     S = tl.load(sp).to(tl.float32)  # [BV, DK]
     g = -tl.exp(tl.load(alog_ptr + h).to(tl.float32))
     dtb = tl.load(dtb_ptr + h).to(tl.float32)
+    a = tl.load(a_ptr + bi * stride_ab + h).to(tl.float32)
+    bb = tl.load(b_ptr + bi * stride_bb + h).to(tl.float32)
+    g = g * _softplus(a + dtb)
+    beta = 1.0 / (1.0 + tl.exp(-bb))
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -100,10 +105,6 @@ def _gdn_decode_kernel(
     v = tl.load(yrow + 2 * key_dim + h * DV + rv).to(tl.float32)
     q = q / tl.sqrt(tl.sum(q * q, 0) + eps)
     k = k / tl.sqrt(tl.sum(k * k, 0) + eps)
-    a = tl.load(a_ptr + bi * stride_ab + h).to(tl.float32)
-    bb = tl.load(b_ptr + bi * stride_bb + h).to(tl.float32)
-    g = g * _softplus(a + dtb)
-    beta = 1.0 / (1.0 + tl.exp(-bb))
     S = S * tl.exp(g)
     pred = tl.sum(S * k[None, :], 1)
     S += (beta * (v - pred))[:, None] * k[None, :]

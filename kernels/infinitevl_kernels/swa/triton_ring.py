@@ -70,15 +70,12 @@ def _swa_decode_split_kernel(
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     s = tl.program_id(2)
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     rg = tl.arange(0, GP)
     mg = rg < G
     rd = tl.arange(0, D)
+    # Before the programmatic wait: the position and the ring's page ids (written before the step's first kernel),
+    # so the first K/V tile's load can start right after it; the query comes from the kernel before.
     p = tl.load(pos_ptr + b).to(tl.int32)  # token indices in int32: the ring arithmetic divides per key
-    q = tl.load(q_ptr + b * stride_qb + (kvh * G + rg)[:, None] * stride_qh + rd[None, :],
-                mask=mg[:, None], other=0.0)
     lo = tl.maximum(p - W + 1, 0)
     start = tl.maximum(p - W + 1 + s * split_len, lo)
     end = tl.minimum(p - W + 1 + (s + 1) * split_len, p)  # exclusive; token p itself comes from the inputs
@@ -94,6 +91,11 @@ def _swa_decode_split_kernel(
     i0 = (start % cap) // bs
     t0 = tl.load(table + i0)
     t1 = tl.load(table + (i0 + 1) % nblk)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    q = tl.load(q_ptr + b * stride_qb + (kvh * G + rg)[:, None] * stride_qh + rd[None, :],
+                mask=mg[:, None], other=0.0)
     for j0 in range(start, end, BN):
         rj = j0 + tl.arange(0, BN)
         mj = rj < end
