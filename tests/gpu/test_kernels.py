@@ -84,3 +84,23 @@ def test_gdn_output_norm_and_projection_at_4b_shapes(rows: int):
     exact = exact @ w.double().t()
     two = triton_ops.gated_rmsnorm_heads(o, gate, nw, eps) @ w.t()
     assert float((out.double() - exact).abs().max()) <= 2 * float((two.double() - exact).abs().max()) + 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swa_rope_at_4b_shapes(dtype: torch.dtype):
+    """The served SWA layer's RoPE (one launch, into a new tensor) against the torch RoPE the CPU path runs, on
+    M-RoPE tables of random 3-row positions; the projection it reads is left as it was."""
+    from infinitevl_kernels.rope import apply_rope, mrope_cos_sin
+    from infinitevl_kernels.triton_ops import rope_qk
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    T, Hq, Hkv, D = 37, 16, 2, 128
+    qkv = torch.randn(T, (Hq + 2 * Hkv) * D, device="cuda", generator=g).to(dtype)
+    before = qkv.clone()
+    cos, sin = mrope_cos_sin(torch.randint(0, 10**6, (3, T), device="cuda", generator=g), D, 1e6, [16, 24, 24])
+    cos, sin = cos.float(), sin.float()
+    qk = rope_qk(qkv, Hq, Hkv, D, cos, sin).view(T, Hq + Hkv, D)
+    ref = apply_rope(qkv[:, : (Hq + Hkv) * D].view(T, Hq + Hkv, D), cos, sin)
+    assert torch.equal(qkv, before)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2**-7, atol=2**-7)
+    torch.testing.assert_close(qk, ref, **tol)
