@@ -172,8 +172,8 @@ def rope_qk(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int, cos: to
 # At batch 1 a decode step is ~190 matrix-vector products. cuBLAS runs the narrow ones (o_proj,
 # down_proj: 2048 outputs) as split-K plus a reduce launch, and each of them needs a norm or SwiGLU
 # launch in front. One pass per product instead: each program owns BN output rows and streams their
-# whole K range, and the prologue (residual add + RMSNorm, or SwiGLU) is recomputed per program from
-# the small input vector, which sits in L2.
+# whole K range, and the prologue (residual add + RMSNorm, SwiGLU, or the GDN output's gated norm) is
+# recomputed per program from the small input vector, which sits in L2.
 
 PRO_NONE, PRO_NORM, PRO_SILU, PRO_GATED = 0, 1, 2, 3
 
