@@ -147,24 +147,25 @@ def rope_inplace(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     _rope(x, x, cos, sin)
 
 
+def _qk_heads(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int) -> torch.Tensor:
+    """The q and k parts of a fused q|k|v projection [T, (Hq+2Hkv)*D]: adjacent, so one [T, Hq+Hkv, D] view."""
+    return qkv[:, : (heads + kv_heads) * head_dim].view(qkv.shape[0], heads + kv_heads, head_dim)
+
+
 def rope_qk_inplace(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int, cos: torch.Tensor,
                     sin: torch.Tensor) -> None:
-    """RoPE on the q and k parts of a fused q|k|v projection [T, (Hq+2Hkv)*D] in one launch: q and
-    k are adjacent, so they are one [T, Hq+Hkv, D] view."""
-    T = qkv.shape[0]
-    qk = qkv[:, : (heads + kv_heads) * head_dim].view(T, heads + kv_heads, head_dim)
-    rope_inplace(qk, cos, sin)
+    """RoPE on the q and k parts of a fused q|k|v projection in place, in one launch."""
+    rope_inplace(_qk_heads(qkv, heads, kv_heads, head_dim), cos, sin)
 
 
 def rope_qk(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int, cos: torch.Tensor,
             sin: torch.Tensor) -> torch.Tensor:
     """``rope_qk_inplace`` into a new [T, (Hq+Hkv)*D] tensor (q then k), qkv left as it is: for a custom op,
     which may not write its input."""
-    T = qkv.shape[0]
-    qk = qkv[:, : (heads + kv_heads) * head_dim].view(T, heads + kv_heads, head_dim)
-    y = torch.empty(T, heads + kv_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    qk = _qk_heads(qkv, heads, kv_heads, head_dim)
+    y = torch.empty_like(qk, memory_format=torch.contiguous_format)
     _rope(qk, y, cos, sin)
-    return y.view(T, -1)
+    return y.view(qkv.shape[0], -1)
 
 
 # -- batch-1 matrix-vector products with fused prologues ---------------------------------------------
