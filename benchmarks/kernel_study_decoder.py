@@ -36,13 +36,14 @@ from infinitevl_kernels.layout import (
     ring_blocks,
     rope_of,
 )
+from infinitevl_kernels.rope import mrope_frequencies
 from infinitevl_kernels.swa.triton_ring import swa_paged_decode, swa_paged_prefill
 from infinitevl_kernels.triton_ops import (
     gated_norm_linear,
     linear,
+    mrope_qk,
     norm_linear,
     rmsnorm,
-    rope_qk_inplace,
     silu_linear,
 )
 
@@ -116,11 +117,7 @@ class InfiniteVLDecoderGPU:
         # pages scattered over the cache, as vLLM's block pool hands them out
         perm = torch.randperm(pages, generator=torch.Generator().manual_seed(seed))
         self.block_table = perm.view(num_slots, self.ring_blocks).to(dev, torch.int32)
-        half = dims.head_dim // 2
-        self.inv_freq = 1.0 / (dims.rope_theta ** (torch.arange(0, half, device=dev, dtype=torch.float64) * 2
-                                                   / dims.head_dim)).float()
-        self.rope_rows = torch.cat([torch.full((n,), r, dtype=torch.long) for r, n in
-                                    enumerate(dims.mrope_section)]).to(dev)
+        self.inv_freq, self.rope_rows = mrope_frequencies(dims.head_dim, dims.rope_theta, dims.mrope_section, dev)
 
     # -- weights ------------------------------------------------------------------------------
     def _rand(self, g, *shape, std=0.02):
@@ -192,13 +189,6 @@ class InfiniteVLDecoderGPU:
         return dict(conv=per(self.conv_pool), ssm=per(self.ssm_pool), ring=ring)
 
     # -- pieces -------------------------------------------------------------------------------
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """M-RoPE tables [T, head_dim] from 3-row positions [3, T] (float32, computed on device)."""
-        sel = positions.float()[self.rope_rows]  # [D/2, T]
-        ang = (sel * self.inv_freq[:, None]).t()
-        emb = torch.cat([ang, ang], -1)
-        return emb.cos().contiguous(), emb.sin().contiguous()
-
     def _mlp(self, L, x, h):
         gu, x = norm_linear(x, h, L["post_norm"], self.d.rms_eps, L["gate_up"])
         return silu_linear(gu, L["down"]), x
@@ -221,15 +211,15 @@ class InfiniteVLDecoderGPU:
                                    max_len=max_len)
         return gated_norm_linear(o, gate, L["o_norm"], d.norm_eps, L["o"]), x
 
-    def _swa(self, L, j, x, h, cos, sin, decode: bool, table, meta, token_pos):
+    def _swa(self, L, j, x, h, positions, decode: bool, table, meta, token_pos):
         d = self.d
         T = x.shape[0]
         qkv, x = norm_linear(x, h, L["in_norm"], d.rms_eps, L["qkv"], L["qkv_bias"])
         qd, kd = d.heads * d.head_dim, d.kv_heads * d.head_dim
-        q = qkv[:, :qd].view(T, d.heads, d.head_dim)
-        k = qkv[:, qd : qd + kd].view(T, d.kv_heads, d.head_dim)
+        qk = mrope_qk(qkv, d.heads, d.kv_heads, d.head_dim, positions, self.inv_freq, self.rope_rows)
+        q = qk[:, :qd].view(T, d.heads, d.head_dim)
+        k = qk[:, qd:].view(T, d.kv_heads, d.head_dim)
         v = qkv[:, qd + kd :].view(T, d.kv_heads, d.head_dim)
-        rope_qk_inplace(qkv, d.heads, d.kv_heads, d.head_dim, cos, sin)
         if decode:
             o = swa_paged_decode(q, k, v, self.kv_cache[j], table, token_pos, d.window)
         else:
@@ -239,13 +229,12 @@ class InfiniteVLDecoderGPU:
 
     def _layers(self, x, positions, decode, slots, meta, token_pos, head=None):
         """All layers, then the final norm and (if given) the product with ``head``."""
-        cos, sin = self.cos_sin(positions)
         table = self.block_table[slots]  # ring pages of each sequence, once for all SWA layers
         h = None
         gi = si = 0
         for i, L in enumerate(self.layers):
             if self.d.is_swa(i):
-                h, x = self._swa(L, si, x, h, cos, sin, decode, table, meta, token_pos)
+                h, x = self._swa(L, si, x, h, positions, decode, table, meta, token_pos)
                 si += 1
             else:
                 h, x = self._gdn(L, gi, x, h, decode, slots, meta)

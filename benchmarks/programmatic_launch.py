@@ -27,7 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(HERE, ".."), os.path.join(HERE, "..", "kernels")]
 
 import triton  # noqa: E402
-from gpu_h100 import our_model, our_step_bytes, time_ms  # noqa: E402
+from gpu_h100 import kernel_table, our_model, our_step_bytes, time_ms  # noqa: E402
 from infinitevl_kernels import launch, triton_ops  # noqa: E402
 from kernel_study_decoder import DecodeGraphs  # noqa: E402
 
@@ -75,9 +75,37 @@ def run_setting(m, graphs: DecodeGraphs, start: dict[str, torch.Tensor]) -> dict
     return dict(ms=ms, logits=torch.stack(logits), states={n: getattr(m, n).clone() for n in start})
 
 
+def profile_steps(m, start: dict[str, torch.Tensor], replays: int = 20) -> dict:
+    """Kernels a step by name (microseconds and calls a step) for each batch size at the longest context."""
+    from torch.profiler import ProfilerActivity, profile
+
+    launch.PROGRAMMATIC_LAUNCH = False
+    graphs = DecodeGraphs(m, BATCHES)
+    tables = {}
+    for bs in BATCHES:
+        _, ids, pos, tpos, slots, out = graphs.graphs[bs]
+        slots.copy_(torch.arange(bs, device=slots.device))
+        pos.fill_(CONTEXTS[-1])
+        tpos.fill_(CONTEXTS[-1])
+        graphs.replay(bs)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(replays):
+                graphs.replay(bs)
+            torch.cuda.synchronize()
+        tables[f"batch {bs}"] = [dict(kernel=r["kernel"], us=round(r["us"] / replays, 2), calls=r["calls"] // replays)
+                                 for r in kernel_table(prof, limit=40)]
+    for name, t in start.items():
+        getattr(m, name).copy_(t)
+    return tables
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--profile", action="store_true",
+                    help="also record each batch size's kernels a step (without programmatic launch, so that each "
+                         "kernel's time is its own) at the longest context")
     args = ap.parse_args()
     t0 = time.time()
     bw = copy_bandwidth()
@@ -91,6 +119,7 @@ def main() -> None:
         runs[setting].append(run_setting(m, graphs, start))
         del graphs
         print(setting, {f"b{b} c{c}": round(v, 4) for (b, c), v in runs[setting][-1]["ms"].items()}, flush=True)
+    kernels = profile_steps(m, start) if args.profile else None
     launch.PROGRAMMATIC_LAUNCH = None
     first = runs["without"][0]
     identical = all(torch.equal(r["logits"], first["logits"])
@@ -120,6 +149,8 @@ def main() -> None:
             best = {setting: min(r["ms"][key] for r in rs) for setting, rs in runs.items()}
             row["speedup"] = round(best["without"] / best["with"], 3)
             result["steps"][f"batch {bs}, context {ctx}"] = row
+    if kernels:
+        result["kernels_per_step_without_programmatic_launch"] = kernels
     result["wall_s"] = round(time.time() - t0, 1)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "programmatic_launch.json")

@@ -196,3 +196,37 @@ def test_broken_checkpoint_fails_before_engine_start(tmp_path, tiny_ckpt):
     with pytest.raises(ValueError, match=r"model-00001-of-00001\.safetensors: tensor "
                                          r"model\.layers\.5\.self_attn\.v_conv1d\.weight has shape \[7, 1, 4\]"):
         make_llm(broken)
+
+
+def test_the_swa_mrope_op_rotates_what_the_cpu_path_rotates(tiny_ckpt, monkeypatch):
+    """On CUDA the SWA layer rotates q and k through the custom op ``infinitevl_mrope_qk``, whose Triton kernel makes
+    the angles from the positions and the module's frequency buffers (the kernel itself is checked under Triton's
+    interpreter, tests/triton, and at the 4B shapes on a GPU). Here the kernel is a torch stand-in, so this checks the
+    op's seam: the module hands it the positions, its buffers and its head counts, in the order the kernel takes
+    them, and q and k come back where the CPU path puts them."""
+    from infinitevl_kernels.rope import apply_rope, mrope_cos_sin
+
+    from infinitevl_vllm.checkpoint import load_config
+    from infinitevl_vllm.model import vllm_model
+
+    cfg = load_config(tiny_ckpt).text_config
+    heads, kv_heads, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    rope = vllm_model.MRoPE(cfg, heads, kv_heads)
+
+    def stand_in(qkv, h, kvh, head_dim, positions, inv_freq, rows):  # mrope_qk in torch, from the same inputs
+        half = positions.double()[rows] * inv_freq[:, None]
+        emb = torch.cat([half, half]).t()
+        qk = qkv[:, : (h + kvh) * head_dim].reshape(-1, h + kvh, head_dim)
+        return apply_rope(qk, emb.cos().float(), emb.sin().float()).reshape(qkv.shape[0], -1)
+
+    monkeypatch.setattr(vllm_model, "mrope_qk", stand_in)
+    g = torch.Generator().manual_seed(8)
+    T = 6
+    qkv = torch.randn(T, (heads + 2 * kv_heads) * D, generator=g)
+    positions = torch.randint(0, 10**5, (3, T + 2), generator=g)[:, :T]  # a view of a wider buffer, as vLLM's
+    qk = torch.ops.vllm.infinitevl_mrope_qk(qkv, positions, rope.inv_freq, rope.rows, heads, kv_heads, D)
+    q, k = rope(qkv, positions)  # the CPU path
+    torch.testing.assert_close(qk, torch.cat([q, k], dim=1), rtol=1e-6, atol=1e-6)
+    theta, section = rope.theta, rope.section
+    cos, sin = (t.float() for t in mrope_cos_sin(positions, D, theta, section))
+    torch.testing.assert_close(q.view(T, heads, D), apply_rope(qkv[:, : heads * D].view(T, heads, D), cos, sin))

@@ -36,8 +36,8 @@ from infinitevl_kernels.layout import (
     is_swa_layer,
     rope_of,
 )
-from infinitevl_kernels.rope import apply_rope, mrope_cos_sin
-from infinitevl_kernels.triton_ops import rope_qk
+from infinitevl_kernels.rope import apply_rope, mrope_cos_sin, mrope_frequencies
+from infinitevl_kernels.triton_ops import mrope_qk
 from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
@@ -278,20 +278,49 @@ class InfiniteVLGatedDeltaNet(OlmoHybridGatedDeltaNetAttention):
         gdn_forward_batch(mixed_qkv[:n], a[:n], b[:n], layer, batch=batch, out=core_attn_out)
 
 
-def _rope_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
-             head_dim: int) -> torch.Tensor:
-    return rope_qk(qkv, heads, kv_heads, head_dim, cos, sin)
+def _mrope_qk(qkv: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, rows: torch.Tensor, heads: int,
+              kv_heads: int, head_dim: int) -> torch.Tensor:
+    return mrope_qk(qkv, heads, kv_heads, head_dim, positions, inv_freq, rows)
 
 
-def _rope_qk_fake(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
-                  head_dim: int) -> torch.Tensor:
+def _mrope_qk_fake(qkv: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, rows: torch.Tensor,
+                   heads: int, kv_heads: int, head_dim: int) -> torch.Tensor:
     return qkv.new_empty((qkv.shape[0], (heads + kv_heads) * head_dim))
 
 
-# The SWA layer's RoPE on CUDA: one launch of ours, which takes part in the programmatic launches of the products
-# around it (infinitevl_kernels.launch); inductor's kernel for the same ops would wait for the product before it
-# to finish, and make the ring attention after it wait too.
-direct_register_custom_op("infinitevl_rope_qk", _rope_qk, fake_impl=_rope_qk_fake)
+# The SWA layer's M-RoPE on CUDA: one launch of ours, which makes the angles from the positions and takes part in
+# the programmatic launches of the products around it (infinitevl_kernels.launch). Inductor's kernels for the same
+# torch ops (three for the cos/sin tables at the top of the step, one per layer for the rotation) waited for the
+# kernel before them to finish, and made the one after wait too.
+direct_register_custom_op("infinitevl_mrope_qk", _mrope_qk, fake_impl=_mrope_qk_fake)
+
+
+class MRoPE(nn.Module):
+    """M-RoPE computed from the positions themselves (in float64), not looked up in a table sized by a maximum
+    position: sequences have no length limit. The rotation runs in float32 whatever the model dtype: bf16 angles
+    would add a rounding the reference has not."""
+
+    def __init__(self, cfg: InfiniteVLTextConfig, heads: int, kv_heads: int):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, cfg.head_dim
+        self.theta, self.section = rope_of(cfg)
+        inv_freq, rows = mrope_frequencies(cfg.head_dim, self.theta, self.section)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("rows", rows, persistent=False)
+
+    def forward(self, qkv: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q and k of a fused q|k|v projection [T, ...], rotated; positions [3, T]."""
+        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        if qkv.is_cuda:
+            qk = torch.ops.vllm.infinitevl_mrope_qk(qkv, positions, self.inv_freq, self.rows, self.heads,
+                                                    self.kv_heads, self.head_dim)
+            return qk.split([q_size, kv_size], dim=-1)
+        n = qkv.shape[0]
+        dtype = torch.promote_types(qkv.dtype, torch.float32)
+        cos, sin = (t.to(dtype) for t in mrope_cos_sin(positions, self.head_dim, self.theta, self.section))
+        q, k = qkv[:, :q_size], qkv[:, q_size : q_size + kv_size]
+        return (apply_rope(q.reshape(n, self.heads, self.head_dim), cos, sin).view(n, q_size),
+                apply_rope(k.reshape(n, self.kv_heads, self.head_dim), cos, sin).view(n, kv_size))
 
 
 class InfiniteVLSlidingAttention(nn.Module):
@@ -315,21 +344,15 @@ class InfiniteVLSlidingAttention(nn.Module):
         self.attn = RingSlidingWindowAttention(self.num_heads, self.head_dim, self.num_kv_heads, cfg.attention_window,
                                                vllm_config.cache_config, quant, prefix=f"{prefix}.attn",
                                                step_requests=step_requests)
+        self.rope = MRoPE(cfg, self.num_heads, self.num_kv_heads)
 
-    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         qkv, _ = self.qkv_proj(hidden_states)
-        return self.forward_projected(rope, qkv)
+        return self.forward_projected(positions, qkv)
 
-    def forward_projected(self, rope: tuple[torch.Tensor, torch.Tensor], qkv: torch.Tensor) -> torch.Tensor:
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        n = q.shape[0]
-        cos, sin = rope
-        if qkv.is_cuda:
-            qk = torch.ops.vllm.infinitevl_rope_qk(qkv, cos, sin, self.num_heads, self.num_kv_heads, self.head_dim)
-            q, k = qk.split([self.q_size, self.kv_size], dim=-1)
-        else:
-            q = apply_rope(q.view(n, self.num_heads, self.head_dim), cos, sin).view(n, self.q_size)
-            k = apply_rope(k.view(n, self.num_kv_heads, self.head_dim), cos, sin).view(n, self.kv_size)
+    def forward_projected(self, positions: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
+        q, k = self.rope(qkv, positions)
+        v = qkv[:, self.q_size + self.kv_size :]
         out, _ = self.o_proj(self.attn(q, k, v))
         return out
 
@@ -355,16 +378,16 @@ class InfiniteVLDecoderLayer(nn.Module):
         if self.norms_in_products and not self.is_swa:
             self.self_attn.input_projected = True
 
-    def forward(self, rope, hidden_states, residual):
+    def forward(self, positions, hidden_states, residual):
         if self.norms_in_products:
-            return self._forward_norms_in_products(rope, hidden_states, residual)
+            return self._forward_norms_in_products(positions, hidden_states, residual)
         if residual is None:
             residual = hidden_states
             hidden_states = self.input_layernorm(hidden_states)
         else:
             hidden_states, residual = self.input_layernorm(hidden_states, residual)
         if self.is_swa:
-            hidden_states = self.self_attn(rope, hidden_states)
+            hidden_states = self.self_attn(positions, hidden_states)
         else:
             out = torch.empty_like(hidden_states)
             self.self_attn(hidden_states, out)
@@ -372,7 +395,7 @@ class InfiniteVLDecoderLayer(nn.Module):
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         return self.mlp(hidden_states), residual
 
-    def _forward_norms_in_products(self, rope, hidden_states, residual):
+    def _forward_norms_in_products(self, positions, hidden_states, residual):
         # the first layer: the stream starts as its input, x + 0 (a zero tensor, not None: the op returns the stream
         # as a new tensor, and a custom op's output may not alias its input)
         if residual is None:
@@ -381,7 +404,7 @@ class InfiniteVLDecoderLayer(nn.Module):
         proj, residual = norm_linear(self.input_layernorm, attn.qkv_proj if self.is_swa else attn.in_proj,
                                      hidden_states, residual)
         if self.is_swa:
-            hidden_states = attn.forward_projected(rope, proj)
+            hidden_states = attn.forward_projected(positions, proj)
         else:
             hidden_states = torch.empty_like(residual)
             attn(proj, hidden_states)
@@ -405,25 +428,15 @@ class InfiniteVLTextModel(nn.Module):
         )
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
-    def rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """M-RoPE cos/sin computed from the positions themselves (in float64), not looked up in a table
-        sized by a maximum position: sequences have no length limit. Kept in at least float32 (the rotation
-        runs in float32 whatever the model dtype): bf16 angles would add a rounding the reference has not."""
-        dtype = torch.promote_types(dtype, torch.float32)
-        cfg = self.config
-        positions = positions if positions.dim() == 2 else positions[None].expand(3, -1)
-        cos, sin = mrope_cos_sin(positions, cfg.head_dim, *rope_of(cfg))
-        return cos.to(dtype), sin.to(dtype)
-
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
         hidden = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
-        rope = self.rotary(positions, hidden.dtype)
+        positions = positions if positions.dim() == 2 else positions[None].expand(3, -1)  # text-only: one row
         residual = None
         for layer in self.layers:
-            hidden, residual = layer(rope, hidden, residual)
+            hidden, residual = layer(positions, hidden, residual)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 

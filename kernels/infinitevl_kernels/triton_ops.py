@@ -113,8 +113,8 @@ def gated_rmsnorm_heads(o: torch.Tensor, gate: torch.Tensor, weight: torch.Tenso
 
 
 @triton.jit
-def _rope_kernel(x_ptr, y_ptr, cos_ptr, sin_ptr, stride_t, stride_h, stride_yt, stride_yh, stride_c,
-                 HALF: tl.constexpr, HP: tl.constexpr, PDL: tl.constexpr):
+def _rope_kernel(x_ptr, cos_ptr, sin_ptr, stride_t, stride_h, stride_c, HALF: tl.constexpr, HP: tl.constexpr,
+                 PDL: tl.constexpr):
     t = tl.program_id(0)
     h = tl.program_id(1)
     if PDL:
@@ -129,22 +129,17 @@ def _rope_kernel(x_ptr, y_ptr, cos_ptr, sin_ptr, stride_t, stride_h, stride_yt, 
     base = x_ptr + t * stride_t + h * stride_h
     a = tl.load(base + r, mask=m).to(tl.float32)
     b = tl.load(base + HALF + r, mask=m).to(tl.float32)
-    out = y_ptr + t * stride_yt + h * stride_yh
-    tl.store(out + r, (a * c1 - b * s1).to(y_ptr.dtype.element_ty), mask=m)
-    tl.store(out + HALF + r, (b * c2 + a * s2).to(y_ptr.dtype.element_ty), mask=m)
-
-
-def _rope(x: torch.Tensor, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    T, H, D = x.shape
-    cos, sin = cos.contiguous(), sin.contiguous()
-    pdl = dependent_launch(x.device)
-    _rope_kernel[(T, H)](x, y, cos, sin, x.stride(0), x.stride(1), y.stride(0), y.stride(1), cos.stride(0),
-                         HALF=D // 2, HP=triton.next_power_of_2(D // 2), PDL=pdl, launch_pdl=pdl)
+    tl.store(base + r, (a * c1 - b * s1).to(x_ptr.dtype.element_ty), mask=m)
+    tl.store(base + HALF + r, (b * c2 + a * s2).to(x_ptr.dtype.element_ty), mask=m)
 
 
 def rope_inplace(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """Rotate-half RoPE in place on x [T, H, D] (a view is fine); cos/sin [T, D] float32."""
-    _rope(x, x, cos, sin)
+    T, H, D = x.shape
+    cos, sin = cos.contiguous(), sin.contiguous()
+    pdl = dependent_launch(x.device)
+    _rope_kernel[(T, H)](x, cos, sin, x.stride(0), x.stride(1), cos.stride(0), HALF=D // 2,
+                         HP=triton.next_power_of_2(D // 2), PDL=pdl, launch_pdl=pdl)
 
 
 def _qk_heads(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int) -> torch.Tensor:
@@ -158,14 +153,54 @@ def rope_qk_inplace(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
     rope_inplace(_qk_heads(qkv, heads, kv_heads, head_dim), cos, sin)
 
 
-def rope_qk(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int, cos: torch.Tensor,
-            sin: torch.Tensor) -> torch.Tensor:
-    """``rope_qk_inplace`` into a new [T, (Hq+Hkv)*D] tensor (q then k), qkv left as it is: for a custom op,
-    which may not write its input."""
+@triton.jit
+def _mrope_kernel(x_ptr, y_ptr, pos_ptr, freq_ptr, rows_ptr, H, stride_t, stride_h, stride_yt, stride_yh,
+                  stride_pr, stride_pt, HALF: tl.constexpr, HP: tl.constexpr, BH: tl.constexpr, PDL: tl.constexpr):
+    t = tl.program_id(0)
+    r = tl.arange(0, HP)
+    m = r < HALF
+    # The angles depend only on the step's positions (written before its first kernel): made before the wait. They
+    # are made in float64, as mrope_cos_sin makes them, and reduced to one turn there; float32 cos/sin of the reduced
+    # angle are within a few float32 roundings of the float64 ones, at a small part of their cost.
+    row = tl.load(rows_ptr + r, mask=m, other=0)
+    pos = tl.load(pos_ptr + row * stride_pr + t * stride_pt, mask=m, other=0)
+    ang = pos.to(tl.float64) * tl.load(freq_ptr + r, mask=m, other=0.0)
+    # tl.full keeps float64 constants (a Python float would be made float32)
+    turns = tl.floor(ang * tl.full([HP], 0.15915494309189535, tl.float64) + 0.5)
+    ang = (ang - turns * tl.full([HP], 6.283185307179586, tl.float64)).to(tl.float32)  # in [-pi, pi]
+    c = tl.cos(ang)[None, :]
+    s = tl.sin(ang)[None, :]
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    hh = tl.arange(0, BH)
+    mk = (hh < H)[:, None] & m[None, :]
+    src = x_ptr + t * stride_t + hh[:, None] * stride_h + r[None, :]
+    a = tl.load(src, mask=mk).to(tl.float32)
+    b = tl.load(src + HALF, mask=mk).to(tl.float32)
+    dst = y_ptr + t * stride_yt + hh[:, None] * stride_yh + r[None, :]
+    tl.store(dst, (a * c - b * s).to(y_ptr.dtype.element_ty), mask=mk)
+    tl.store(dst + HALF, (b * c + a * s).to(y_ptr.dtype.element_ty), mask=mk)
+
+
+def mrope_qk(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int, positions: torch.Tensor,
+             inv_freq: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """M-RoPE on the q and k parts of a fused q|k|v projection [T, (Hq+2Hkv)*D], into a new [T, (Hq+Hkv)*D] tensor
+    (q then k; qkv is left as it is, as a custom op must). The angles are made in the kernel from the 3-row
+    positions [3, T] and ``rope.mrope_frequencies`` (inv_freq in float64, rows): one launch, no cos/sin tables."""
     qk = _qk_heads(qkv, heads, kv_heads, head_dim)
+    T, H, D = qk.shape
+    if (positions.shape != (3, T) or inv_freq.dtype != torch.float64 or inv_freq.shape != (D // 2,)
+            or rows.shape != (D // 2,)):
+        raise ValueError(f"need positions [3, {T}] and float64 inv_freq and rows [{D // 2}]: positions "
+                         f"{tuple(positions.shape)}, inv_freq {tuple(inv_freq.shape)} {inv_freq.dtype}, "
+                         f"rows {tuple(rows.shape)}")
     y = torch.empty_like(qk, memory_format=torch.contiguous_format)
-    _rope(qk, y, cos, sin)
-    return y.view(qkv.shape[0], -1)
+    pdl = dependent_launch(qkv.device)
+    _mrope_kernel[(T,)](qk, y, positions, inv_freq, rows, H, qk.stride(0), qk.stride(1), y.stride(0), y.stride(1),
+                        positions.stride(0), positions.stride(1), HALF=D // 2, HP=triton.next_power_of_2(D // 2),
+                        BH=triton.next_power_of_2(H), PDL=pdl, num_warps=4, launch_pdl=pdl)
+    return y.view(T, -1)
 
 
 # -- batch-1 matrix-vector products with fused prologues ---------------------------------------------

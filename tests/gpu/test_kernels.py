@@ -87,19 +87,20 @@ def test_gdn_output_norm_and_projection_at_4b_shapes(rows: int):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_swa_rope_at_4b_shapes(dtype: torch.dtype):
-    """The served SWA layer's RoPE (one launch, into a new tensor) against the torch RoPE the CPU path runs, on
-    M-RoPE tables of random 3-row positions; the projection it reads is left as it was."""
-    from infinitevl_kernels.rope import apply_rope, mrope_cos_sin
-    from infinitevl_kernels.triton_ops import rope_qk
+def test_swa_mrope_at_4b_shapes(dtype: torch.dtype):
+    """The served SWA layer's M-RoPE (one launch that makes its angles from the positions, into a new tensor)
+    against the torch RoPE the CPU path runs on float64 tables of random 3-row positions up to a million, read
+    through a view of a wider buffer as vLLM's; the projection it reads is left as it was."""
+    from infinitevl_kernels.rope import apply_rope, mrope_cos_sin, mrope_frequencies
+    from infinitevl_kernels.triton_ops import mrope_qk
 
     g = torch.Generator(device="cuda").manual_seed(3)
-    T, Hq, Hkv, D = 37, 16, 2, 128
+    T, Hq, Hkv, D, section = 37, 16, 2, 128, [16, 24, 24]
     qkv = torch.randn(T, (Hq + 2 * Hkv) * D, device="cuda", generator=g).to(dtype)
     before = qkv.clone()
-    cos, sin = mrope_cos_sin(torch.randint(0, 10**6, (3, T), device="cuda", generator=g), D, 1e6, [16, 24, 24])
-    cos, sin = cos.float(), sin.float()
-    qk = rope_qk(qkv, Hq, Hkv, D, cos, sin).view(T, Hq + Hkv, D)
+    positions = torch.randint(0, 10**6, (3, T + 11), device="cuda", generator=g)[:, :T]
+    qk = mrope_qk(qkv, Hq, Hkv, D, positions, *mrope_frequencies(D, 1e6, section, "cuda")).view(T, Hq + Hkv, D)
+    cos, sin = (t.float() for t in mrope_cos_sin(positions, D, 1e6, section))
     ref = apply_rope(qkv[:, : (Hq + Hkv) * D].view(T, Hq + Hkv, D), cos, sin)
     assert torch.equal(qkv, before)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2**-7, atol=2**-7)

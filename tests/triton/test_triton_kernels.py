@@ -311,21 +311,22 @@ def test_gdn_output_norm_inside_the_output_projection_equals_the_two_launches(T,
     torch.testing.assert_close(fused.float(), two.float(), rtol=2**-7, atol=1e-2)
 
 
-def test_rope_of_a_fused_projection_into_a_new_tensor_equals_the_torch_rope():
-    """The served SWA layer's RoPE: q and k of the fused q|k|v projection rotated in one launch, into a new tensor,
-    the projection itself left as it is (a custom op may not write its input)."""
-    from infinitevl_kernels.rope import apply_rope, mrope_cos_sin
-    from infinitevl_kernels.triton_ops import rope_qk
+def test_mrope_of_a_fused_projection_equals_the_torch_rope_on_float64_tables():
+    """The served SWA layer's M-RoPE: q and k of the fused q|k|v projection rotated in one launch that makes the
+    angles from the 3-row positions (a view into a wider buffer, as vLLM's), into a new tensor, the projection left as
+    it is (a custom op may not write its input). Positions near a million need the float64 angles the tables have."""
+    from infinitevl_kernels.rope import apply_rope, mrope_cos_sin, mrope_frequencies
+    from infinitevl_kernels.triton_ops import mrope_qk
 
     g = torch.Generator().manual_seed(17)
-    T, Hq, Hkv, D = 5, 4, 2, 16
+    T, Hq, Hkv, D, section = 5, 4, 2, 16, [2, 3, 3]
     qkv = torch.randn(T, (Hq + 2 * Hkv) * D, generator=g)
     before = qkv.clone()
-    positions = torch.randint(0, 1000, (3, T), generator=g)
-    cos, sin = mrope_cos_sin(positions, D, 10000.0, [2, 3, 3])
-    qk = rope_qk(qkv, Hq, Hkv, D, cos.float(), sin.float())
+    positions = torch.randint(10**6 - 1000, 10**6, (3, T + 3), generator=g)[:, :T]
+    qk = mrope_qk(qkv, Hq, Hkv, D, positions, *mrope_frequencies(D, 10000.0, section))
+    cos, sin = (t.float() for t in mrope_cos_sin(positions, D, 10000.0, section))
     q, k = qkv[:, : Hq * D].view(T, Hq, D), qkv[:, Hq * D : (Hq + Hkv) * D].view(T, Hkv, D)
-    ref = torch.cat([apply_rope(q, cos.float(), sin.float()), apply_rope(k, cos.float(), sin.float())], dim=1)
+    ref = torch.cat([apply_rope(q, cos, sin), apply_rope(k, cos, sin)], dim=1)
     assert qk.shape == (T, (Hq + Hkv) * D) and torch.equal(qkv, before)
     torch.testing.assert_close(qk.view(T, Hq + Hkv, D), ref, rtol=1e-6, atol=1e-6)
 

@@ -59,13 +59,32 @@ TABLE_STRIDE = ["stride_bt"]
 PREFILL_METADATA = ["bt_ptr", "cu_ptr", "start_ptr"]
 
 
+@triton.jit
+def _ring_tile(head, table, j0, end, cap, bs, nblk, i0, t0, t1, stride_cb, stride_ct, rd, D: tl.constexpr,
+               BN: tl.constexpr, TWO_PAGES: tl.constexpr):
+    """K and V of ring tokens j0 .. j0+BN-1 (rows at or past `end` read as zeros), and the page ids (i0, t0, t1)
+    of the tile after it."""
+    rj = j0 + tl.arange(0, BN)
+    mj = rj < end
+    row = rj % cap
+    if TWO_PAGES:
+        blk = tl.where(row // bs == i0, t0, t1).to(tl.int64)
+        i0 = ((j0 + BN) % cap) // bs
+        t0 = tl.load(table + i0)
+        t1 = tl.load(table + (i0 + 1) % nblk)
+    else:
+        blk = tl.load(table + row // bs, mask=mj, other=0).to(tl.int64)
+    base = head + blk[:, None] * stride_cb + (row % bs)[:, None] * stride_ct + rd[None, :]
+    return tl.load(base, mask=mj[:, None], other=0.0), tl.load(base + D, mask=mj[:, None], other=0.0), i0, t0, t1
+
+
 @triton.jit(do_not_specialize=TABLE_STRIDE)
 def _swa_decode_split_kernel(
     q_ptr, kn_ptr, vn_ptr, c_ptr, bt_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, o_ptr,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_cb, stride_ch, stride_ct, stride_bt,
     stride_ob, stride_oh, bs, cap, W, split_len, scale,
     NSPLIT: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
-    TWO_PAGES: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
+    TWO_PAGES: tl.constexpr, LOOKAHEAD: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -73,8 +92,8 @@ def _swa_decode_split_kernel(
     rg = tl.arange(0, GP)
     mg = rg < G
     rd = tl.arange(0, D)
-    # Before the programmatic wait: the position and the ring's page ids (written before the step's first kernel),
-    # so the first K/V tile's load can start right after it; the query comes from the kernel before.
+    # Before the programmatic wait: the position, the ring's page ids (written before the step's first kernel) and
+    # the first K/V tile (ring rows before token p, written by earlier steps); the query comes from the kernel before.
     p = tl.load(pos_ptr + b).to(tl.int32)  # token indices in int32: the ring arithmetic divides per key
     lo = tl.maximum(p - W + 1, 0)
     start = tl.maximum(p - W + 1 + s * split_len, lo)
@@ -91,25 +110,18 @@ def _swa_decode_split_kernel(
     i0 = (start % cap) // bs
     t0 = tl.load(table + i0)
     t1 = tl.load(table + (i0 + 1) % nblk)
+    k, v, i0, t0, t1 = _ring_tile(head, table, start, end, cap, bs, nblk, i0, t0, t1, stride_cb, stride_ct, rd,
+                                  D, BN, TWO_PAGES)
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     q = tl.load(q_ptr + b * stride_qb + (kvh * G + rg)[:, None] * stride_qh + rd[None, :],
                 mask=mg[:, None], other=0.0)
     for j0 in range(start, end, BN):
-        rj = j0 + tl.arange(0, BN)
-        mj = rj < end
-        row = rj % cap
-        if TWO_PAGES:
-            blk = tl.where(row // bs == i0, t0, t1).to(tl.int64)
-            i0 = ((j0 + BN) % cap) // bs
-            t0 = tl.load(table + i0)
-            t1 = tl.load(table + (i0 + 1) % nblk)
-        else:
-            blk = tl.load(table + row // bs, mask=mj, other=0).to(tl.int64)
-        base = head + blk[:, None] * stride_cb + (row % bs)[:, None] * stride_ct + rd[None, :]
-        k = tl.load(base, mask=mj[:, None], other=0.0)
-        v = tl.load(base + D, mask=mj[:, None], other=0.0)
+        if LOOKAHEAD:  # two tiles a program (batch 1): the next is requested before this one is used
+            k_next, v_next, i0, t0, t1 = _ring_tile(head, table, j0 + BN, end, cap, bs, nblk, i0, t0, t1, stride_cb,
+                                                    stride_ct, rd, D, BN, TWO_PAGES)
+        mj = j0 + tl.arange(0, BN) < end
         qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PREC) * scale
         qk = tl.where(mj[None, :], qk, NEG)
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -118,6 +130,11 @@ def _swa_decode_split_kernel(
         l_i = l_i * alpha + tl.sum(pr, 1)
         acc = acc * alpha[:, None] + tl.dot(pr.to(q.dtype), v.to(q.dtype), input_precision=PREC)
         m_i = m_new
+        if LOOKAHEAD:
+            k, v = k_next, v_next
+        else:  # many tiles a program: one tile's registers at a time (at batch 54 the lookahead cost 13%)
+            k, v, i0, t0, t1 = _ring_tile(head, table, j0 + BN, end, cap, bs, nblk, i0, t0, t1, stride_cb, stride_ct,
+                                          rd, D, BN, TWO_PAGES)
     if s == NSPLIT - 1:
         kn = tl.load(kn_ptr + b * stride_kb + kvh * stride_kh + rd)
         vn = tl.load(vn_ptr + b * stride_vb + kvh * stride_vh + rd)
@@ -225,8 +242,8 @@ def swa_paged_decode(
         q, k_new, v_new, cache, block_table, positions, m, lsum, acc, o,
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         cs[0], cs[1], cs[2], block_table.stride(0), o.stride(0), o.stride(1), bs, cap, window, split_len, scale,
-        NSPLIT=nsplit, G=G, GP=GP, D=D, BN=BN, TWO_PAGES=BN <= bs, PREC=_dot_precision(q), PDL=pdl, num_warps=4,
-        launch_pdl=pdl,
+        NSPLIT=nsplit, G=G, GP=GP, D=D, BN=BN, TWO_PAGES=BN <= bs, LOOKAHEAD=split_len <= 2 * BN,
+        PREC=_dot_precision(q), PDL=pdl, num_warps=4, launch_pdl=pdl,
     )
     if nsplit > 1:
         DB = min(D, 32)
