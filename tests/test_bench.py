@@ -346,6 +346,8 @@ def test_small_run_of_every_workload_writes_every_result_and_names_the_model_tha
         for r in dvc + tp + st:
             assert 0 < r["ttft_s"] < r["wall_s"] and 0 < r["itl_ms_p50"] <= r["itl_ms_p90"]
             assert r["peak_rss_bytes"] > 2**30 and 0 < r["kv_cache_used_bytes"] <= 0.5 * 2**30
+        # the worker extension answers (the CPU runner has no async outputs to time: no steps)
+        assert all(r["core_waits"] == {"steps": 0} for r in dvc)
         for r in dvc + st:  # one request, 4 tokens: 3 gaps stamped by the engine core
             assert r["output_tokens"] == 4 * r["requests"]
             assert r["decode_tokens_per_s"] == pytest.approx(1e3 / r["itl_ms_mean"])
@@ -394,3 +396,38 @@ def test_small_run_of_every_workload_writes_every_result_and_names_the_model_tha
     assert single["appends"] == 1 and single["fps"] > 0
     assert result["summary"][ours["name"]]["session_single_frame_appends"]["fps"] == round(single["fps"], 2)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_core_waits_of_a_step_are_its_input_prep_wait_and_its_output_wait(monkeypatch):
+    """What the bench reads to tell a host-bound step from a GPU-bound one: each output the core takes closes a
+    step, with the input-prep waits since the previous output beside it (tools/core_waits.py)."""
+    import time
+    from contextlib import contextmanager
+    from types import SimpleNamespace
+
+    from vllm.v1.worker import gpu_model_runner
+
+    from infinitevl_vllm.tools.core_waits import CoreWaits
+
+    class Output:  # stands for vLLM's AsyncGPUModelRunnerOutput
+        def get_output(self):
+            time.sleep(0.02)
+            return "tokens"
+
+    @contextmanager
+    def synchronize_input_prep():
+        time.sleep(0.01)
+        yield
+
+    monkeypatch.setattr(gpu_model_runner, "AsyncGPUModelRunnerOutput", Output)
+    worker = SimpleNamespace(model_runner=SimpleNamespace(synchronize_input_prep=synchronize_input_prep))
+    assert CoreWaits.infinitevl_waits_start(worker)
+    for prep_waits in (2, 0):
+        for _ in range(prep_waits):
+            with worker.model_runner.synchronize_input_prep():
+                pass
+        assert Output().get_output() == "tokens"
+    (in1, out1), (in2, out2) = CoreWaits.infinitevl_waits_read(worker)
+    assert 0.02 <= in1 < 0.03 and in2 == 0.0 and 0.02 <= min(out1, out2) and max(out1, out2) < 0.03
+    assert CoreWaits.infinitevl_waits_start(worker) and CoreWaits.infinitevl_waits_read(worker) == []
+    assert not CoreWaits.infinitevl_waits_start(SimpleNamespace())  # no model runner: nothing to time

@@ -440,6 +440,7 @@ class Worker:
             max_num_seqs=spec.max_batch if LARGEST_BATCH in spec.batches else max(spec.batches),
             max_num_batched_tokens=spec.max_num_batched_tokens, enable_prefix_caching=False,
             kv_cache_memory_bytes=int(spec.kv_cache_gib * 2**30), disable_log_stats=False,
+            worker_extension_cls="infinitevl_vllm.tools.core_waits.CoreWaits",  # the core's waits a step
             # a session append is one request (StreamSession splits by this limit): as many images as it carries
             limit_mm_per_prompt={"image": max(spec.frames if "streaming" in spec.workloads else 0,
                                               spec.session_append_frames if "session" in spec.workloads else 0),
@@ -586,9 +587,32 @@ class Worker:
     def decode_vs_context(self) -> None:
         rows = self._rows("decode-vs-context")
         for c in self.info.contexts:
-            rows.append({"context": c, **self._run([self._ids(c, 0)])})
+            started = self._rpc("infinitevl_waits_start")  # True; False without async outputs; or an error
+            row = {"context": c, **self._run([self._ids(c, 0)])}
+            row["core_waits"] = self._core_waits(row["output_tokens"] - 1) if started is True else (
+                started or {"steps": 0})
+            rows.append(row)
             self.save()
             _emit({"event": "measured", "workload": "decode-vs-context", "context": c})
+
+    def _rpc(self, method: str):
+        """A diagnostic's call into the engine's worker; a failure is recorded, never fatal to the measurement."""
+        try:
+            return self.engine.collective_rpc(method)[0]
+        except Exception as e:  # any failure of a diagnostic
+            return {"error": f"{method}: {e!r}"[:300]}
+
+    def _core_waits(self, steps: int) -> dict:
+        """The engine core's waits for the device over the last `steps` steps (the decode's: one token each), in
+        ms: near 0 the host's work set the pace and the GPU idled between steps (tools/core_waits.py)."""
+        waits = self._rpc("infinitevl_waits_read")
+        if isinstance(waits, dict) or not waits:
+            return waits or {"steps": 0}
+        waits = waits[-steps:]
+        inputs, outputs = [1e3 * w[0] for w in waits], [1e3 * w[1] for w in waits]
+        return {"steps": len(waits), "input_ms_p50": _percentile(inputs, 0.5),
+                "output_ms_p50": _percentile(outputs, 0.5),
+                "ms_p50": _percentile([a + b for a, b in zip(inputs, outputs)], 0.5)}
 
     def throughput(self) -> None:
         rows = self._rows("throughput")
@@ -946,6 +970,7 @@ def _latency_row(m: dict, r: dict) -> dict:
     return {"ttft_s": round(r["ttft_s"], 3), "itl_ms": round(r["itl_ms_mean"], 2),
             "itl_ms_p50": round(r["itl_ms_p50"], 2), "floor_ms": floor and round(floor, 4),
             "itl_p50_over_floor": _over(r["itl_ms_p50"], floor, 2),
+            "core_wait_ms_p50": round(r["core_waits"]["ms_p50"], 3) if "ms_p50" in r.get("core_waits", {}) else None,
             "kv_cache_used_mib": round(r["kv_cache_used_bytes"] / 2**20, 1),
             "peak_rss_gib": round(r["peak_rss_bytes"] / 2**30, 2)}
 
