@@ -189,15 +189,18 @@ def _max_num_seqs_within_budget(vllm_config) -> None:
 
 def _sessions_worker_extension(vllm_config) -> None:
     """The streaming sessions' RPC is a worker extension class, vLLM's way to add worker methods for
-    collective_rpc; a user's own extension class is kept (the sessions' RPC is then unavailable)."""
-    from .serving.sessions_worker import WORKER_EXTENSION
+    collective_rpc; a user's own extension class is kept (the sessions' RPC is then unavailable, unless the class
+    extends ours)."""
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+
+    from .serving.sessions_worker import WORKER_EXTENSION, SessionsWorkerExtension
 
     parallel = vllm_config.parallel_config
     if not parallel.worker_extension_cls:
         parallel.worker_extension_cls = WORKER_EXTENSION
-    elif parallel.worker_extension_cls != WORKER_EXTENSION:
-        logger.warning("InfiniteVL: --worker-extension-cls %s is kept; streaming sessions need %s",
-                       parallel.worker_extension_cls, WORKER_EXTENSION)
+    elif not issubclass(resolve_obj_by_qualname(parallel.worker_extension_cls), SessionsWorkerExtension):
+        logger.warning("InfiniteVL: --worker-extension-cls %s is kept; streaming sessions need %s (or a class "
+                       "extending it)", parallel.worker_extension_cls, WORKER_EXTENSION)
 
 
 def register() -> None:

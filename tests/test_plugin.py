@@ -151,3 +151,25 @@ def test_on_cuda_a_full_batch_of_decodes_has_its_own_graph(monkeypatch, tiny_ckp
     assert max(sizes) == min(512, config.scheduler_config.max_num_batched_tokens) >= 266
     decode_graphs = [n for n in sizes if n <= max_num_seqs]  # as vLLM's CUDA-graph dispatcher keys FULL decodes
     assert max(decode_graphs) == min(max_num_seqs, 512)
+
+
+def test_the_sessions_worker_extension_is_set_kept_or_extended(caplog):
+    """vLLM takes one worker extension class. Ours carries the sessions' RPC; a user's own is kept, with a warning
+    unless it extends ours (the bench's does, to time the engine core's waits beside the sessions)."""
+    from types import SimpleNamespace
+
+    from infinitevl_vllm.plugin import _sessions_worker_extension
+    from infinitevl_vllm.serving.sessions_worker import WORKER_EXTENSION
+    from infinitevl_vllm.tools.core_waits import worker_extension
+
+    def resolved(cls: str) -> str:
+        config = SimpleNamespace(parallel_config=SimpleNamespace(worker_extension_cls=cls))
+        _sessions_worker_extension(config)
+        return config.parallel_config.worker_extension_cls
+
+    with caplog.at_level("WARNING", logger="vllm.infinitevl_vllm"):
+        assert resolved("") == WORKER_EXTENSION
+        assert resolved(worker_extension("infinitevl")) == worker_extension("infinitevl")
+        assert not caplog.records
+        assert resolved(worker_extension("transformer")) == worker_extension("transformer")
+    assert "streaming sessions need" in caplog.text

@@ -427,6 +427,7 @@ class Worker:
         from vllm.v1.engine.llm_engine import LLMEngine
 
         from .byte_floor import copy_bandwidth, engine_step_bytes
+        from .core_waits import worker_extension
 
         cuda = torch.cuda.is_available()
         eager = (not cuda) if spec.enforce_eager is None else spec.enforce_eager
@@ -440,7 +441,7 @@ class Worker:
             max_num_seqs=spec.max_batch if LARGEST_BATCH in spec.batches else max(spec.batches),
             max_num_batched_tokens=spec.max_num_batched_tokens, enable_prefix_caching=False,
             kv_cache_memory_bytes=int(spec.kv_cache_gib * 2**30), disable_log_stats=False,
-            worker_extension_cls="infinitevl_vllm.tools.core_waits.CoreWaits",  # the core's waits a step
+            worker_extension_cls=worker_extension(info.kind),  # the core's waits a step (tools/core_waits.py)
             # a session append is one request (StreamSession splits by this limit): as many images as it carries
             limit_mm_per_prompt={"image": max(spec.frames if "streaming" in spec.workloads else 0,
                                               spec.session_append_frames if "session" in spec.workloads else 0),

@@ -5,13 +5,16 @@ blocks twice a step: before it overwrites the host buffers of its input copies (
 the sampled tokens (``get_output`` of the async model output). When the GPU's step is the longer, the core spends
 the difference in those waits; when the host's work is the longer, they return at once and the GPU idles between
 steps. The bench mixes ``CoreWaits`` into vLLM's worker (``worker_extension_cls``, vLLM's seam for methods a
-caller reaches through ``collective_rpc``) and records both waits for every step of a batch-1 decode.
+caller reaches through ``collective_rpc``; for InfiniteVL beside the sessions' extension, ``SessionsAndCoreWaits``)
+and records both waits for every step of a batch-1 decode.
 """
 
 from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+
+from ..serving.sessions_worker import SessionsWorkerExtension
 
 _steps: list[tuple[float, float]] = []  # (input wait, output wait) in seconds, one per output the core took
 _input_wait = [0.0]  # input waits since the last output
@@ -64,3 +67,13 @@ class CoreWaits:
     def infinitevl_waits_read(self) -> list[tuple[float, float]]:
         """(input wait, output wait) in seconds for each step since ``infinitevl_waits_start``, oldest first."""
         return list(_steps)
+
+
+class SessionsAndCoreWaits(SessionsWorkerExtension, CoreWaits):
+    """InfiniteVL's worker extension (the sessions' RPC) with the waits' methods."""
+
+
+def worker_extension(kind: str) -> str:
+    """The ``worker_extension_cls`` the bench gives a model of this kind (bench.ModelInfo.kind)."""
+    cls = SessionsAndCoreWaits if kind == "infinitevl" else CoreWaits
+    return f"{__name__}.{cls.__qualname__}"
