@@ -48,8 +48,8 @@ class CoreWaits:
     """Worker extension (see the module docstring); ``self`` is vLLM's worker."""
 
     def infinitevl_waits_start(self) -> bool:
-        """Time the two waits from now on, and forget earlier steps. False where the runner has neither (another
-        vLLM)."""
+        """Time the two waits from now on, and forget earlier steps. False where the runner lacks them (vLLM's V2
+        runner, which the twin runs on CUDA; another vLLM)."""
         from vllm.v1.worker import gpu_model_runner
 
         runner = getattr(self, "model_runner", None)
