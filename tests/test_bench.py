@@ -348,6 +348,7 @@ def test_small_run_of_every_workload_writes_every_result_and_names_the_model_tha
             assert r["peak_rss_bytes"] > 2**30 and 0 < r["kv_cache_used_bytes"] <= 0.5 * 2**30
         # the worker extension answers (the CPU runner has no async outputs to time: no steps)
         assert all(r["core_waits"] == {"steps": 0} for r in dvc)
+        assert all(len(r["itls_ms"]) == r["output_tokens"] - 1 for r in dvc)
         for r in dvc + st:  # one request, 4 tokens: 3 gaps stamped by the engine core
             assert r["output_tokens"] == 4 * r["requests"]
             assert r["decode_tokens_per_s"] == pytest.approx(1e3 / r["itl_ms_mean"])

@@ -590,6 +590,7 @@ class Worker:
         for c in self.info.contexts:
             started = self._rpc("infinitevl_waits_start")  # True; False without async outputs; or an error
             row = {"context": c, **self._run([self._ids(c, 0)])}
+            row["itls_ms"] = [round(1e3 * t, 3) for t in self.stats.itls]  # each gap: a slow mode shows its shape
             row["core_waits"] = self._core_waits(row["output_tokens"] - 1) if started is True else (
                 started or {"steps": 0})
             rows.append(row)
