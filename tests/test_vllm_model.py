@@ -199,11 +199,11 @@ def test_broken_checkpoint_fails_before_engine_start(tmp_path, tiny_ckpt):
 
 
 def test_the_swa_mrope_op_rotates_what_the_cpu_path_rotates(tiny_ckpt, monkeypatch):
-    """On CUDA the SWA layer rotates q and k through the custom op ``infinitevl_mrope_qk``, whose Triton kernel makes
-    the angles from the positions and the module's frequency buffers (the kernel itself is checked under Triton's
-    interpreter, tests/triton, and at the 4B shapes on a GPU). Here the kernel is a torch stand-in, so this checks the
-    op's seam: the module hands it the positions, its buffers and its head counts, in the order the kernel takes
-    them, and q and k come back where the CPU path puts them."""
+    """On CUDA the SWA layers rotate q and k through the custom op ``infinitevl_mrope_qk``, whose Triton kernel makes
+    the angles from the step's ``MRoPE.kernel_inputs`` (the kernel itself is checked under Triton's interpreter,
+    tests/triton, and at the 4B shapes on a GPU). Here the kernel is a torch stand-in, so this checks the op's seam:
+    the positions and the module's frequency buffers reach it in the order the kernel takes them, with the head
+    counts, and q and k come back where the CPU path (one cos/sin table a step) puts them."""
     from infinitevl_kernels.rope import apply_rope, mrope_cos_sin
 
     from infinitevl_vllm.checkpoint import load_config
@@ -211,7 +211,7 @@ def test_the_swa_mrope_op_rotates_what_the_cpu_path_rotates(tiny_ckpt, monkeypat
 
     cfg = load_config(tiny_ckpt).text_config
     heads, kv_heads, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    rope = vllm_model.MRoPE(cfg, heads, kv_heads)
+    rope = vllm_model.MRoPE(cfg)
 
     def stand_in(qkv, h, kvh, head_dim, positions, inv_freq, rows):  # mrope_qk in torch, from the same inputs
         half = positions.double()[rows] * inv_freq[:, None]
@@ -224,9 +224,8 @@ def test_the_swa_mrope_op_rotates_what_the_cpu_path_rotates(tiny_ckpt, monkeypat
     T = 6
     qkv = torch.randn(T, (heads + 2 * kv_heads) * D, generator=g)
     positions = torch.randint(0, 10**5, (3, T + 2), generator=g)[:, :T]  # a view of a wider buffer, as vLLM's
-    qk = torch.ops.vllm.infinitevl_mrope_qk(qkv, positions, rope.inv_freq, rope.rows, heads, kv_heads, D)
-    q, k = rope(qkv, positions)  # the CPU path
+    qk = torch.ops.vllm.infinitevl_mrope_qk(qkv, *rope.kernel_inputs(positions), heads, kv_heads, D)
+    q, k = vllm_model.rotate_qk(qkv, rope(positions, qkv.dtype), heads, kv_heads, D)  # the CPU path
     torch.testing.assert_close(qk, torch.cat([q, k], dim=1), rtol=1e-6, atol=1e-6)
-    theta, section = rope.theta, rope.section
-    cos, sin = (t.float() for t in mrope_cos_sin(positions, D, theta, section))
+    cos, sin = (t.float() for t in mrope_cos_sin(positions, D, rope.theta, rope.section))
     torch.testing.assert_close(q.view(T, heads, D), apply_rope(qkv[:, : heads * D].view(T, heads, D), cos, sin))

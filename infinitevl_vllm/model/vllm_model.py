@@ -297,30 +297,41 @@ direct_register_custom_op("infinitevl_mrope_qk", _mrope_qk, fake_impl=_mrope_qk_
 
 class MRoPE(nn.Module):
     """M-RoPE computed from the positions themselves (in float64), not looked up in a table sized by a maximum
-    position: sequences have no length limit. The rotation runs in float32 whatever the model dtype: bf16 angles
-    would add a rounding the reference has not."""
+    position: sequences have no length limit. Made once a step for every SWA layer (``rotate_qk``). The rotation
+    runs in float32 whatever the model dtype: bf16 angles would add a rounding the reference has not."""
 
-    def __init__(self, cfg: InfiniteVLTextConfig, heads: int, kv_heads: int):
+    def __init__(self, cfg: InfiniteVLTextConfig):
         super().__init__()
-        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, cfg.head_dim
+        self.head_dim = cfg.head_dim
         self.theta, self.section = rope_of(cfg)
         inv_freq, rows = mrope_frequencies(cfg.head_dim, self.theta, self.section)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.register_buffer("rows", rows, persistent=False)
 
-    def forward(self, qkv: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q and k of a fused q|k|v projection [T, ...], rotated; positions [3, T]."""
-        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        if qkv.is_cuda:
-            qk = torch.ops.vllm.infinitevl_mrope_qk(qkv, positions, self.inv_freq, self.rows, self.heads,
-                                                    self.kv_heads, self.head_dim)
-            return qk.split([q_size, kv_size], dim=-1)
-        n = qkv.shape[0]
-        dtype = torch.promote_types(qkv.dtype, torch.float32)
-        cos, sin = (t.to(dtype) for t in mrope_cos_sin(positions, self.head_dim, self.theta, self.section))
-        q, k = qkv[:, :q_size], qkv[:, q_size : q_size + kv_size]
-        return (apply_rope(q.reshape(n, self.heads, self.head_dim), cos, sin).view(n, q_size),
-                apply_rope(k.reshape(n, self.kv_heads, self.head_dim), cos, sin).view(n, kv_size))
+    def kernel_inputs(self, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """What the SWA layers' launch makes its angles from, in the order ``infinitevl_mrope_qk`` takes them."""
+        return positions, self.inv_freq, self.rows
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """This step's rotation inputs for positions [3, T]: on CUDA ``kernel_inputs``, elsewhere cos/sin tables."""
+        if positions.is_cuda:
+            return self.kernel_inputs(positions)
+        dtype = torch.promote_types(dtype, torch.float32)
+        return tuple(t.to(dtype) for t in mrope_cos_sin(positions, self.head_dim, self.theta, self.section))
+
+
+def rotate_qk(qkv: torch.Tensor, rope: tuple[torch.Tensor, ...], heads: int, kv_heads: int,
+              head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k of a fused q|k|v projection [T, ...], rotated by this step's ``MRoPE`` inputs."""
+    q_size, kv_size = heads * head_dim, kv_heads * head_dim
+    if qkv.is_cuda:
+        qk = torch.ops.vllm.infinitevl_mrope_qk(qkv, *rope, heads, kv_heads, head_dim)
+        return qk.split([q_size, kv_size], dim=-1)
+    n = qkv.shape[0]
+    cos, sin = rope
+    q, k = qkv[:, :q_size], qkv[:, q_size : q_size + kv_size]
+    return (apply_rope(q.reshape(n, heads, head_dim), cos, sin).view(n, q_size),
+            apply_rope(k.reshape(n, kv_heads, head_dim), cos, sin).view(n, kv_size))
 
 
 class InfiniteVLSlidingAttention(nn.Module):
@@ -344,14 +355,13 @@ class InfiniteVLSlidingAttention(nn.Module):
         self.attn = RingSlidingWindowAttention(self.num_heads, self.head_dim, self.num_kv_heads, cfg.attention_window,
                                                vllm_config.cache_config, quant, prefix=f"{prefix}.attn",
                                                step_requests=step_requests)
-        self.rope = MRoPE(cfg, self.num_heads, self.num_kv_heads)
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, rope: tuple[torch.Tensor, ...], hidden_states: torch.Tensor) -> torch.Tensor:
         qkv, _ = self.qkv_proj(hidden_states)
-        return self.forward_projected(positions, qkv)
+        return self.forward_projected(rope, qkv)
 
-    def forward_projected(self, positions: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
-        q, k = self.rope(qkv, positions)
+    def forward_projected(self, rope: tuple[torch.Tensor, ...], qkv: torch.Tensor) -> torch.Tensor:
+        q, k = rotate_qk(qkv, rope, self.num_heads, self.num_kv_heads, self.head_dim)
         v = qkv[:, self.q_size + self.kv_size :]
         out, _ = self.o_proj(self.attn(q, k, v))
         return out
@@ -378,16 +388,16 @@ class InfiniteVLDecoderLayer(nn.Module):
         if self.norms_in_products and not self.is_swa:
             self.self_attn.input_projected = True
 
-    def forward(self, positions, hidden_states, residual):
+    def forward(self, rope, hidden_states, residual):
         if self.norms_in_products:
-            return self._forward_norms_in_products(positions, hidden_states, residual)
+            return self._forward_norms_in_products(rope, hidden_states, residual)
         if residual is None:
             residual = hidden_states
             hidden_states = self.input_layernorm(hidden_states)
         else:
             hidden_states, residual = self.input_layernorm(hidden_states, residual)
         if self.is_swa:
-            hidden_states = self.self_attn(positions, hidden_states)
+            hidden_states = self.self_attn(rope, hidden_states)
         else:
             out = torch.empty_like(hidden_states)
             self.self_attn(hidden_states, out)
@@ -395,7 +405,7 @@ class InfiniteVLDecoderLayer(nn.Module):
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         return self.mlp(hidden_states), residual
 
-    def _forward_norms_in_products(self, positions, hidden_states, residual):
+    def _forward_norms_in_products(self, rope, hidden_states, residual):
         # the first layer: the stream starts as its input, x + 0 (a zero tensor, not None: the op returns the stream
         # as a new tensor, and a custom op's output may not alias its input)
         if residual is None:
@@ -404,7 +414,7 @@ class InfiniteVLDecoderLayer(nn.Module):
         proj, residual = norm_linear(self.input_layernorm, attn.qkv_proj if self.is_swa else attn.in_proj,
                                      hidden_states, residual)
         if self.is_swa:
-            hidden_states = attn.forward_projected(positions, proj)
+            hidden_states = attn.forward_projected(rope, proj)
         else:
             hidden_states = torch.empty_like(residual)
             attn(proj, hidden_states)
@@ -427,6 +437,7 @@ class InfiniteVLTextModel(nn.Module):
             for i in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.rope = MRoPE(cfg)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
@@ -434,9 +445,10 @@ class InfiniteVLTextModel(nn.Module):
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
         hidden = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
         positions = positions if positions.dim() == 2 else positions[None].expand(3, -1)  # text-only: one row
+        rope = self.rope(positions, hidden.dtype)
         residual = None
         for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual)
+            hidden, residual = layer(rope, hidden, residual)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
