@@ -401,7 +401,8 @@ def test_small_run_of_every_workload_writes_every_result_and_names_the_model_tha
 
 def test_the_core_waits_of_a_step_are_its_input_prep_wait_and_its_output_wait(monkeypatch):
     """What the bench reads to tell a host-bound step from a GPU-bound one: each output the core takes closes a
-    step, with the input-prep waits since the previous output beside it (tools/core_waits.py)."""
+    step, with the input-prep waits and the runner's host parts since the previous output beside it, and the
+    time since that output (tools/core_waits.py)."""
     import time
     from contextlib import contextmanager
     from types import SimpleNamespace
@@ -420,15 +421,24 @@ def test_the_core_waits_of_a_step_are_its_input_prep_wait_and_its_output_wait(mo
         time.sleep(0.01)
         yield
 
+    def sample_tokens(grammar):
+        time.sleep(0.005)
+        return grammar
+
     monkeypatch.setattr(gpu_model_runner, "AsyncGPUModelRunnerOutput", Output)
-    worker = SimpleNamespace(model_runner=SimpleNamespace(synchronize_input_prep=synchronize_input_prep))
+    runner = SimpleNamespace(synchronize_input_prep=synchronize_input_prep, sample_tokens=sample_tokens)
+    worker = SimpleNamespace(model_runner=runner)
     assert CoreWaits.infinitevl_waits_start(worker)
     for prep_waits in (2, 0):
         for _ in range(prep_waits):
             with worker.model_runner.synchronize_input_prep():
                 pass
+        assert worker.model_runner.sample_tokens("none") == "none"
         assert Output().get_output() == "tokens"
-    (in1, out1), (in2, out2) = CoreWaits.infinitevl_waits_read(worker)
-    assert 0.02 <= in1 < 0.03 and in2 == 0.0 and 0.02 <= min(out1, out2) and max(out1, out2) < 0.03
+    first, second = CoreWaits.infinitevl_waits_read(worker)
+    assert 0.02 <= first["input_wait"] < 0.03 and second["input_wait"] == 0.0
+    assert all(0.02 <= s["output_wait"] < 0.03 and 0.005 <= s["sample_tokens"] < 0.015 for s in (first, second))
+    assert first["execute_model"] == 0.0  # a part the runner does not have counts nothing
+    assert first["period"] == 0.0 and 0.025 <= second["period"] < 0.04  # sampling + the output wait
     assert CoreWaits.infinitevl_waits_start(worker) and CoreWaits.infinitevl_waits_read(worker) == []
     assert not CoreWaits.infinitevl_waits_start(SimpleNamespace())  # no model runner: nothing to time

@@ -37,12 +37,12 @@ def _linear_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 direct_register_custom_op("infinitevl_linear", _linear, fake_impl=_linear_fake)
 
 
-def _add_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+def _add_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
                      weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     return triton_ops.norm_linear(x, residual, norm_weight, eps, weight, bias)
 
 
-def _add_norm_linear_fake(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+def _add_norm_linear_fake(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
                           weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     return x.new_empty((x.shape[0], weight.shape[0])), torch.empty_like(x)
 
@@ -60,9 +60,10 @@ direct_register_custom_op("infinitevl_silu_linear", _silu_linear, fake_impl=_sil
 
 
 def norm_linear(norm: nn.Module, linear: nn.Module, x: torch.Tensor,
-                residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """vLLM's fused residual add + ``RMSNorm`` and the linear layer after it (one GPU): one matrix-vector pass at
-    batch 1, a norm launch and the product otherwise. Returns (product, residual stream)."""
+    batch 1, a norm launch and the product otherwise. Returns (product, residual stream); the first layer passes
+    no residual, and its stream is a copy of x that the same pass writes."""
     return torch.ops.vllm.infinitevl_add_norm_linear(x, residual, norm.weight, norm.variance_epsilon, linear.weight,
                                                      getattr(linear, "bias", None))
 

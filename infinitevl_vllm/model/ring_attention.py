@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 from infinitevl_kernels.swa.ring import PagedRing, ring_decode_attention, ring_prefill_attention
 from infinitevl_kernels.swa.triton_ring import swa_paged_forward, warm_up_ring
@@ -27,6 +28,7 @@ from vllm.v1.attention.backend import (
     CommonAttentionMetadata,
 )
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
+from vllm.v1.utils import CpuGpuBuffer
 
 from .state_manager import RingKVSpec
 from .state_size import ring_blocks
@@ -58,8 +60,11 @@ class RingAttentionMetadataBuilder(AttentionMetadataBuilder[RingAttentionMetadat
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         sched, comp = vllm_config.scheduler_config, vllm_config.compilation_config
         rows = max(sched.max_num_seqs, sched.max_num_batched_tokens, comp.max_cudagraph_capture_size or 0) + 1
-        self.starts = torch.zeros(rows, dtype=torch.int32, device=device)
-        self.prefill_query_start_loc = torch.zeros(rows + 1, dtype=torch.int32, device=device)
+        # [starts (one a request) | prefill query starts (one a prefill, + 1)], made on the host and copied in
+        # at once, so a step launches no kernel for its ring metadata. The copy is pinned and asynchronous: the
+        # runner builds metadata inside its input-prep fence, so the next step cannot rewrite the host side
+        # before the copy has run.
+        self.buffer = CpuGpuBuffer(2 * rows + 1, dtype=torch.int32, device=device)
         self.step_requests = step_requests_of(vllm_config, layer_names)  # per-request data of the step
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
@@ -67,28 +72,30 @@ class RingAttentionMetadataBuilder(AttentionMetadataBuilder[RingAttentionMetadat
         md = common_attn_metadata
         n = md.num_reqs
         num_decodes, num_prefills, num_decode_tokens, _ = split_decodes_and_prefills(md, decode_threshold=1)
-        qsl = md.query_start_loc[: n + 1]
-        starts = self.starts[:n]
+        qsl = md.query_start_loc_cpu[: n + 1].numpy()
+        # the runner's host sequence lengths are exact without speculative decoding, which InfiniteVL has not
+        seq_lens = md.seq_lens_cpu_upper_bound if md.seq_lens_cpu_upper_bound is not None else md.seq_lens.cpu()
+        host = self.buffer.np
+        starts = host[:n]
         # tokens before this step = tokens after it - this step's; CUDA-graph padding rows (no tokens,
         # no sequence) come out 0 and write into the null block
-        torch.sub(md.seq_lens[:n], qsl[1:] - qsl[:-1], out=starts)
-        starts.clamp_(min=0)
+        np.maximum(seq_lens[:n].numpy() - (qsl[1:] - qsl[:-1]), 0, out=starts)
         # a streaming session's request continues its session's ring: its offset is the request's data
         offsets = self.step_requests.token_offsets(n) if self.step_requests is not None else None
         if offsets is not None:
-            starts += torch.tensor(offsets, dtype=torch.int32).to(self.device)
-        prefill_qsl = None
+            starts += np.asarray(offsets, dtype=np.int32)
+        end = n + num_prefills + 1 if num_prefills else n
         if num_prefills:
-            prefill_qsl = self.prefill_query_start_loc[: num_prefills + 1]
-            torch.sub(qsl[num_decodes : num_decodes + num_prefills + 1], num_decode_tokens, out=prefill_qsl)
+            np.subtract(qsl[num_decodes : num_decodes + num_prefills + 1], num_decode_tokens, out=host[n:end])
+        device = self.buffer.copy_to_gpu(end)
         on_cpu = self.device.type == "cpu"
         return RingAttentionMetadata(
             num_decodes=num_decodes,
-            starts=starts,
+            starts=device[:n],
             ring_block_ids=md.block_table_tensor[:n, : self.kv_cache_spec.ring_blocks],
-            prefill_query_start_loc=prefill_qsl,
+            prefill_query_start_loc=device[n:end] if num_prefills else None,
             max_prefill_len=md.max_query_len,
-            query_start_loc_cpu=md.query_start_loc_cpu[: n + 1].tolist() if on_cpu else None,
+            query_start_loc_cpu=qsl.tolist() if on_cpu else None,
             starts_cpu=starts.tolist() if on_cpu else None,
         )
 

@@ -406,10 +406,8 @@ class InfiniteVLDecoderLayer(nn.Module):
         return self.mlp(hidden_states), residual
 
     def _forward_norms_in_products(self, rope, hidden_states, residual):
-        # the first layer: the stream starts as its input, x + 0 (a zero tensor, not None: the op returns the stream
-        # as a new tensor, and a custom op's output may not alias its input)
-        if residual is None:
-            residual = torch.zeros_like(hidden_states)
+        # the first layer (residual None): the op returns a copy of its input as the stream (a custom op's output
+        # may not alias its input), written by its own pass rather than by a zeros launch to add
         attn = self.self_attn
         proj, residual = norm_linear(self.input_layernorm, attn.qkv_proj if self.is_swa else attn.in_proj,
                                      hidden_states, residual)

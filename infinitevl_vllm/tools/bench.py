@@ -606,15 +606,28 @@ class Worker:
 
     def _core_waits(self, steps: int) -> dict:
         """The engine core's waits for the device over the last `steps` steps (the decode's: one token each), in
-        ms: near 0 the host's work set the pace and the GPU idled between steps (tools/core_waits.py)."""
+        ms: near 0 the host's work set the pace and the GPU idled between steps (tools/core_waits.py). Beside them,
+        the step's period, the host's time in it (the period less both waits) and the runner's host parts."""
+        from .core_waits import HOST_PARTS
+
         waits = self._rpc("infinitevl_waits_read")
         if isinstance(waits, dict) or not waits:
             return waits or {"steps": 0}
         waits = waits[-steps:]
-        inputs, outputs = [1e3 * w[0] for w in waits], [1e3 * w[1] for w in waits]
-        return {"steps": len(waits), "input_ms_p50": _percentile(inputs, 0.5),
-                "output_ms_p50": _percentile(outputs, 0.5),
-                "ms_p50": _percentile([a + b for a, b in zip(inputs, outputs)], 0.5)}
+
+        def p50(of) -> float:
+            return round(1e3 * _percentile([of(w) for w in waits], 0.5), 3)
+
+        row = {"steps": len(waits), "input_ms_p50": p50(lambda w: w["input_wait"]),
+               "output_ms_p50": p50(lambda w: w["output_wait"]),
+               "ms_p50": p50(lambda w: w["input_wait"] + w["output_wait"])}
+        timed = [w for w in waits if w["period"] > 0]  # the first output taken has no period
+        if timed:
+            row["period_ms_p50"] = round(1e3 * _percentile([w["period"] for w in timed], 0.5), 3)
+            row["host_ms_p50"] = round(1e3 * _percentile(
+                [w["period"] - w["input_wait"] - w["output_wait"] for w in timed], 0.5), 3)
+        row["parts_ms_p50"] = {part.strip("_"): p50(lambda w, part=part: w[part]) for part in HOST_PARTS}
+        return row
 
     def throughput(self) -> None:
         rows = self._rows("throughput")
@@ -972,7 +985,8 @@ def _latency_row(m: dict, r: dict) -> dict:
     return {"ttft_s": round(r["ttft_s"], 3), "itl_ms": round(r["itl_ms_mean"], 2),
             "itl_ms_p50": round(r["itl_ms_p50"], 2), "floor_ms": floor and round(floor, 4),
             "itl_p50_over_floor": _over(r["itl_ms_p50"], floor, 2),
-            "core_wait_ms_p50": round(r["core_waits"]["ms_p50"], 3) if "ms_p50" in r.get("core_waits", {}) else None,
+            "core_wait_ms_p50": r.get("core_waits", {}).get("ms_p50"),
+            "core_host_ms_p50": r.get("core_waits", {}).get("host_ms_p50"),
             "kv_cache_used_mib": round(r["kv_cache_used_bytes"] / 2**20, 1),
             "peak_rss_gib": round(r["peak_rss_bytes"] / 2**30, 2)}
 

@@ -18,7 +18,7 @@ from .launch import dependent_launch
 
 @triton.jit
 def _rmsnorm_kernel(x_ptr, h_ptr, xo_ptr, w_ptr, y_ptr, N, eps, stride_x, stride_h, stride_xo, stride_y,
-                    HAS_ADD: tl.constexpr, BN: tl.constexpr):
+                    HAS_ADD: tl.constexpr, STORE_SUM: tl.constexpr, BN: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.arange(0, BN)
     m = offs < N
@@ -26,6 +26,7 @@ def _rmsnorm_kernel(x_ptr, h_ptr, xo_ptr, w_ptr, y_ptr, N, eps, stride_x, stride
     xf = x.to(tl.float32)
     if HAS_ADD:  # as vLLM's fused add + norm: the sum in float32 is normed, the stream keeps it rounded
         xf = xf + tl.load(h_ptr + row * stride_h + offs, mask=m, other=0.0).to(tl.float32)
+    if STORE_SUM:
         tl.store(xo_ptr + row * stride_xo + offs, xf.to(x.dtype), mask=m)
     r = tl.rsqrt(tl.sum(xf * xf, 0) / N + eps)
     w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
@@ -36,13 +37,14 @@ def _rmsnorm_kernel(x_ptr, h_ptr, xo_ptr, w_ptr, y_ptr, N, eps, stride_x, stride
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, add: torch.Tensor | None = None,
             sum_out: torch.Tensor | None = None) -> torch.Tensor:
     """RMSNorm of rows of x [T, N]; with ``add``, of x + add, which is first stored in ``sum_out`` (default:
-    x itself, in place: the residual stream)."""
+    x itself, in place: the residual stream). Without ``add``, a ``sum_out`` receives a copy of x."""
     T, N = x.shape
     y = torch.empty_like(x)
     h = x if add is None else add
     xo = x if sum_out is None else sum_out
     _rmsnorm_kernel[(T,)](x, h, xo, weight, y, N, eps, x.stride(0), h.stride(0), xo.stride(0), y.stride(0),
-                          HAS_ADD=add is not None, BN=triton.next_power_of_2(N), num_warps=8)
+                          HAS_ADD=add is not None, STORE_SUM=add is not None or sum_out is not None,
+                          BN=triton.next_power_of_2(N), num_warps=8)
     return y
 
 
@@ -253,8 +255,8 @@ def _input_tile(x_ptr, h_ptr, nw_ptr, rk, K, r, eps, dtype, PRO: tl.constexpr, H
 
 @triton.jit
 def _matvec_kernel(x_ptr, h_ptr, nw_ptr, xo_ptr, w_ptr, b_ptr, y_ptr, N, K, eps, stride_w,
-                   PRO: tl.constexpr, HAS_ADD: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-                   BN: tl.constexpr, BK: tl.constexpr, GD: tl.constexpr, PDL: tl.constexpr):
+                   PRO: tl.constexpr, HAS_ADD: tl.constexpr, STORE_SUM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   EVEN_K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GD: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)
     rn = pid * BN + tl.arange(0, BN)
     mn = rn < N
@@ -265,7 +267,7 @@ def _matvec_kernel(x_ptr, h_ptr, nw_ptr, xo_ptr, w_ptr, b_ptr, y_ptr, N, K, eps,
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     r = 1.0
-    if PRO == 1:  # RMSNorm over x (+ h): sum of squares first; program 0 also stores x + h
+    if PRO == 1:  # RMSNorm over x (+ h): sum of squares first; program 0 also stores x (+ h), the stream
         ss = tl.zeros([BK], tl.float32)
         for k0 in range(0, K, BK):
             rk = k0 + rk0
@@ -274,6 +276,7 @@ def _matvec_kernel(x_ptr, h_ptr, nw_ptr, xo_ptr, w_ptr, b_ptr, y_ptr, N, K, eps,
             xf = xv.to(tl.float32)
             if HAS_ADD:
                 xf = xf + tl.load(h_ptr + rk, mask=mk, other=0.0).to(tl.float32)
+            if STORE_SUM:
                 if pid == 0:
                     tl.store(xo_ptr + rk, xf.to(xv.dtype), mask=mk)
             ss += xf * xf
@@ -322,7 +325,8 @@ def _matvec(x, w, bias=None, pro=PRO_NONE, h=None, nw=None, eps=0.0, xo=None, co
     _matvec_kernel[(triton.cdiv(N, BN),)](
         x, dummy if h is None else h, dummy if nw is None else nw, dummy if xo is None else xo, w,
         dummy if bias is None else bias, y, N, K, eps, w.stride(0),
-        PRO=pro, HAS_ADD=h is not None, HAS_BIAS=bias is not None, EVEN_K=K % BK == 0, BN=BN, BK=BK, GD=head_dim,
+        PRO=pro, HAS_ADD=h is not None, STORE_SUM=xo is not None, HAS_BIAS=bias is not None, EVEN_K=K % BK == 0,
+        BN=BN, BK=BK, GD=head_dim,
         PDL=pdl, num_warps=warps, launch_pdl=pdl,
     )
     return y
@@ -395,15 +399,16 @@ def norm_linear(x: torch.Tensor, h: torch.Tensor | None, norm_w: torch.Tensor, e
                 bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """rmsnorm(x + h) @ w^T (+ bias), and x + h: a decoder layer's residual add, norm and first product, in one
     pass at batch 1 (each program recomputes the norm from the small input, which sits in L2). Returns (product,
-    x + h) with x + h a new tensor (x itself when h is None); x and h are left as they are. The sum is normed in
-    float32 and kept rounded, as vLLM's fused add + RMSNorm does."""
-    s = x if h is None else torch.empty_like(x)
+    x + h) with x + h always a new tensor (with h None, a copy of x written by the same pass: the first layer's
+    stream needs no zeros to add); x and h are left as they are. The sum is normed in float32 and kept rounded,
+    as vLLM's fused add + RMSNorm does."""
+    s = torch.empty_like(x)
     if _use_matvec(x, w):
         return _matvec(x, w, bias, PRO_NORM, h=h, nw=norm_w, eps=eps, xo=s), s
     if _triton_runs(x):
         n = rmsnorm(x, norm_w, eps, add=h, sum_out=s)
     elif h is None:
-        n = rmsnorm_ref(x, norm_w, eps)
+        n, s = rmsnorm_ref(x, norm_w, eps), x.clone()
     else:
         n, s = add_rmsnorm_ref(x, h, norm_w, eps)
     return torch.nn.functional.linear(n, w, bias), s

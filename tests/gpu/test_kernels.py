@@ -60,6 +60,11 @@ def test_norm_and_mlp_products_at_4b_shapes(rows: int):
     cublas = ((torch.nn.functional.silu(cublas_gu[:, :inter].float()) * cublas_gu[:, inter:].float()).to(bf)
               @ w_down.t())
     assert float((out.double() - exact).abs().max()) <= 2 * float((cublas.double() - exact).abs().max()) + 1e-3
+    # the first layer has no residual yet: its stream is a copy of x, written by the same pass
+    gu_first, first_stream = triton_ops.norm_linear(x, None, nw, eps, w_gu)
+    assert first_stream.data_ptr() != x.data_ptr() and torch.equal(first_stream, x)
+    want = triton_ops.rmsnorm_ref(x, nw, eps) @ w_gu.t()
+    assert float((gu_first.float() - want.float()).abs().max()) <= 2e-2 * float(want.float().abs().max())
 
 
 @pytest.mark.parametrize("rows", [1, 5])

@@ -240,8 +240,9 @@ def test_fused_matvecs_match_torch(N, K, T):
     assert torch.equal(x, x0), "x stays as it was (at batch 1 every program of the fused pass reads it)"
     assert rel(x_new, x0 + h) < 1e-7
     assert rel(y, rmsnorm_ref(x0 + h, nw, 1e-6) @ w.t() + bias) < 1e-5
-    y, same_x = norm_linear(x, None, nw, 1e-6, w)
-    assert same_x is x and rel(y, rmsnorm_ref(x, nw, 1e-6) @ w.t()) < 1e-5
+    y, stream = norm_linear(x, None, nw, 1e-6, w)  # the first layer: its stream starts as a copy of its input
+    assert stream.data_ptr() != x.data_ptr() and torch.equal(stream, x)
+    assert rel(y, rmsnorm_ref(x, nw, 1e-6) @ w.t()) < 1e-5
     assert rel(linear(x, w), x @ w.t()) < 1e-5
     rows = torch.full((T + 2, N), float("nan"))
     out = linear(x, w, bias, out=rows[1 : T + 1])  # a block of an op's output rows, as the GDN layer passes
