@@ -442,3 +442,23 @@ def test_the_core_waits_of_a_step_are_its_input_prep_wait_and_its_output_wait(mo
     assert first["period"] == 0.0 and 0.025 <= second["period"] < 0.04  # sampling + the output wait
     assert CoreWaits.infinitevl_waits_start(worker) and CoreWaits.infinitevl_waits_read(worker) == []
     assert not CoreWaits.infinitevl_waits_start(SimpleNamespace())  # no model runner: nothing to time
+
+
+def test_a_result_names_its_commit_and_whether_tracked_files_differ_from_it(tmp_path):
+    """A lent GPU machine runs a copy of the working tree over a clone of an earlier commit: the record must say
+    that the commit alone does not name the code that ran."""
+    import subprocess
+
+    from infinitevl_vllm.tools.bench import source_revision
+
+    assert source_revision(tmp_path) == {"commit": None, "tracked_files_modified": None}  # not a checkout
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (tmp_path / "model.py").write_text("a = 1\n")
+    subprocess.run([*git, "add", "model.py"], check=True)
+    subprocess.run([*git, "commit", "-qm", "one"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    (tmp_path / "notes.txt").write_text("untracked files do not count\n")
+    assert source_revision(tmp_path) == {"commit": head, "tracked_files_modified": False}
+    (tmp_path / "model.py").write_text("a = 2\n")
+    assert source_revision(tmp_path) == {"commit": head, "tracked_files_modified": True}

@@ -939,6 +939,23 @@ def machine_info() -> dict:
     return info
 
 
+def source_revision(repo: Path | None = None) -> dict:
+    """The checkout a run measured: its commit, and whether tracked files differ from it. On a lent GPU machine
+    the working tree is copied over a clone of an earlier commit, so the commit alone names the wrong code."""
+    repo = repo or Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str | None:
+        try:
+            run = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return run.stdout if run.returncode == 0 else None
+
+    commit, status = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit.strip() if commit else None,
+            "tracked_files_modified": None if status is None else bool(status.strip())}
+
+
 def versions() -> dict:
     from importlib import metadata
 
@@ -1130,6 +1147,7 @@ def run_bench(spec: BenchSpec, out: Path, plot: Path | None = None, note: str = 
             "machine": {**machine_info(), "load_average_1m_before_after": [round(load_before[0], 2),
                                                                            round(os.getloadavg()[0], 2)]},
             "versions": versions(),
+            "source": source_revision(),
             "settings": asdict(spec),
             "method": __doc__.split("Workloads")[1].strip(),
             "summary": summarize(models),

@@ -27,7 +27,6 @@ import importlib
 import json
 import os
 import re
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Any
 import pytest
 import torch
 
+from infinitevl_vllm.tools.bench import source_revision
 from infinitevl_vllm.tools.workloads import hf_prompt_logprobs
 
 from .helpers import F32_CHUNK, Parity, parity_prompts, vllm_prompt_logprobs
@@ -404,14 +404,6 @@ def _version(module: str) -> str | None:
         return None
 
 
-def _commit() -> str | None:
-    try:
-        run = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return run.stdout.strip() if run.returncode == 0 else None
-
-
 def build_record(complete: bool = False) -> dict[str, Any]:
     """checks: what the acceptance check reads; measurements: every raw number behind them."""
     counts = {k: sum(o == k for o in OUTCOMES.values()) for k in ("passed", "failed", "skipped")}
@@ -433,7 +425,7 @@ def build_record(complete: bool = False) -> dict[str, Any]:
         "transformers": _version("transformers"),
     }
     return {"checks": checks, "measurements": {**RECORD, "outcomes": dict(OUTCOMES), "seconds": dict(DURATIONS)},
-            "commit": _commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            **source_revision(REPO), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 def _write_record(complete: bool = False) -> bool:
