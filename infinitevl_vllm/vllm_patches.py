@@ -13,7 +13,7 @@ other than 0.32.x (``check_vllm_version``) or when the attribute it replaces is 
   ``infinitevl-vllm serve``): the server hardening, so a Llama served from the same environment gets
   stock vLLM.
 - Named helpers for the few vLLM fields we set on objects vLLM hands us (``choose_block_size``,
-  ``keep_conv_weight_layout``, ``without_triton_allocator``).
+  ``keep_conv_weight_layout``, ``without_triton_allocator``), and ``wrap_method`` for the bench's step timing.
 """
 
 from __future__ import annotations
@@ -258,6 +258,15 @@ def harden_media() -> None:
 
 
 # -- named helpers for fields of objects vLLM hands us ---------------------------------------------------------
+def wrap_method(owner, name: str, wrap) -> None:
+    """owner.<name> = wrap(owner.<name>), once (a wrapper marked ``infinitevl_timed`` is kept): how the bench's
+    diagnostics time a model runner's steps (tools/core_waits.py). A measurement, not a change of behaviour, so
+    it is not one of PATCHES and is installed only where the bench asks for it."""
+    method = getattr(owner, name)
+    if not getattr(method, "infinitevl_timed", False):
+        setattr(owner, name, wrap(method))
+
+
 def choose_block_size(cache_config, block_size: int) -> None:
     """Our engine-config rule picks the hybrid block size (the front end needs it for the slot pool);
     marking it user-specified keeps the platform's default from replacing it later."""

@@ -438,9 +438,16 @@ def test_the_core_waits_of_a_step_are_its_input_prep_wait_and_its_output_wait(mo
     first, second = CoreWaits.infinitevl_waits_read(worker)
     assert 0.02 <= first["input_wait"] < 0.03 and second["input_wait"] == 0.0
     assert all(0.02 <= s["output_wait"] < 0.03 and 0.005 <= s["sample_tokens"] < 0.015 for s in (first, second))
-    assert first["execute_model"] == 0.0  # a part the runner does not have counts nothing
+    assert "execute_model" not in first  # only the parts the runner has
     assert first["period"] == 0.0 and 0.025 <= second["period"] < 0.04  # sampling + the output wait
     assert CoreWaits.infinitevl_waits_start(worker) and CoreWaits.infinitevl_waits_read(worker) == []
+    # vLLM's V2 runner has no input-prep wait: its steps are timed by their output wait and parts alone
+    v2 = SimpleNamespace(model_runner=SimpleNamespace(prepare_inputs=lambda: None))
+    assert CoreWaits.infinitevl_waits_start(v2)
+    v2.model_runner.prepare_inputs()
+    Output().get_output()
+    (step,) = CoreWaits.infinitevl_waits_read(v2)
+    assert step["input_wait"] == 0.0 and 0.02 <= step["output_wait"] and "prepare_inputs" in step
     assert not CoreWaits.infinitevl_waits_start(SimpleNamespace())  # no model runner: nothing to time
 
 

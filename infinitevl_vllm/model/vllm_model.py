@@ -68,7 +68,7 @@ from vllm.model_executor.models.utils import (
     maybe_prefix,
 )
 from vllm.platforms import current_platform
-from vllm.utils.torch_utils import direct_register_custom_op
+from vllm.utils.torch_utils import async_tensor_h2d, direct_register_custom_op
 from vllm.v1.attention.backends.gdn_attn import (
     GDNAttentionBackend,
     GDNAttentionMetadata,
@@ -135,7 +135,8 @@ class InfiniteVLGDNMetadataBuilder(GDNAttentionMetadataBuilder):
             return md
         rows = self.step_requests.initial_states(md.has_initial_state.shape[0])
         if rows is not None and any(rows):
-            mask = torch.tensor(rows, dtype=torch.bool, device=md.has_initial_state.device)
+            # pinned and asynchronous: a plain host tensor copied in would block the host until the GPU drains
+            mask = async_tensor_h2d(rows, device=md.has_initial_state.device, dtype=torch.bool)
             md.has_initial_state = md.has_initial_state | mask
             if md.prefill_has_initial_state is not None:
                 md.prefill_has_initial_state = md.has_initial_state[md.num_decodes:]

@@ -35,6 +35,7 @@ import weakref
 from dataclasses import dataclass, field
 
 import torch
+from vllm.utils.torch_utils import async_tensor_h2d
 
 from ..model.step_requests import RequestStart
 from .session_protocol import EXTRA_ARGS_KEY, StreamCursor, stream_positions
@@ -166,8 +167,9 @@ class SessionStore:
             slot = req.block_ids[g][0]
             session.gdn[name][0].copy_(conv[slot])
             session.gdn[name][1].copy_(ssm[slot])
-        for name, (g, blocks) in self.ring_layers.items():
-            session.rings[name].copy_(self._kv(name)[list(req.block_ids[g][:blocks])])
+        rows = self._ring_rows(req.block_ids)
+        for name, (g, _) in self.ring_layers.items():
+            torch.index_select(self._kv(name), 0, rows[g], out=session.rings[name])
         session.cursor = plan.cursor_after
         plan.written = True
 
@@ -186,9 +188,19 @@ class SessionStore:
             slot = block_ids[g][0]
             conv[slot].copy_(session.gdn[name][0])
             ssm[slot].copy_(session.gdn[name][1])
+        rows = self._ring_rows(block_ids)
+        for name, (g, _) in self.ring_layers.items():
+            self._kv(name).index_copy_(0, rows[g], session.rings[name])
+
+    def _ring_rows(self, block_ids) -> dict[int, torch.Tensor]:
+        """Each ring group's blocks of a request, as one device index a group. It is copied in pinned and
+        asynchronous: indexing by a Python list would copy it from pageable memory, which waits for the GPU to
+        drain, once a layer."""
+        rows = {}
         for name, (g, blocks) in self.ring_layers.items():
-            cache = self._kv(name)
-            cache[list(block_ids[g][:blocks])] = session.rings[name]
+            if g not in rows:
+                rows[g] = async_tensor_h2d(block_ids[g][:blocks], device=self._kv(name).device, dtype=torch.long)
+        return rows
 
     def finish(self, req_id: str) -> None:
         self.plans.pop(req_id, None)

@@ -626,7 +626,8 @@ class Worker:
             row["period_ms_p50"] = round(1e3 * _percentile([w["period"] for w in timed], 0.5), 3)
             row["host_ms_p50"] = round(1e3 * _percentile(
                 [w["period"] - w["input_wait"] - w["output_wait"] for w in timed], 0.5), 3)
-        row["parts_ms_p50"] = {part.strip("_"): p50(lambda w, part=part: w[part]) for part in HOST_PARTS}
+        row["parts_ms_p50"] = {part.strip("_"): p50(lambda w, part=part: w[part]) for part in HOST_PARTS
+                               if part in waits[0]}  # the parts this runner has
         return row
 
     def throughput(self) -> None:

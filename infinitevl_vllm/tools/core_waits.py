@@ -1,13 +1,14 @@
 """How long vLLM's engine core waits for the device in each step: is a decode step bound by the GPU or the host?
 
 Under async scheduling (vLLM's default) the core prepares and launches step n+1 while the GPU runs step n, then
-blocks twice a step: before it overwrites the host buffers of its input copies (``synchronize_input_prep``) and for
-the sampled tokens (``get_output`` of the async model output). When the GPU's step is the longer, the core spends
-the difference in those waits; when the host's work is the longer, they return at once and the GPU idles between
-steps. The bench mixes ``CoreWaits`` into vLLM's worker (``worker_extension_cls``, vLLM's seam for methods a
-caller reaches through ``collective_rpc``; for InfiniteVL beside the sessions' extension, ``SessionsAndCoreWaits``)
-and records both waits for every step of a batch-1 decode, with the runner's host parts and the step's period:
-when the host sets the pace, they say which part of its work grew.
+blocks for the device: for the sampled tokens (``get_output`` of the async model output), and on vLLM's V1 runner
+also before it overwrites the host buffers of its input copies (``synchronize_input_prep``). When the GPU's step is
+the longer, the core spends the difference in those waits; when the host's work is the longer, they return at once
+and the GPU idles between steps. The bench mixes ``CoreWaits`` into vLLM's worker (``worker_extension_cls``, vLLM's
+seam for methods a caller reaches through ``collective_rpc``; for InfiniteVL beside the sessions' extension,
+``SessionsAndCoreWaits``) and records the waits for every step of a batch-1 decode, with the runner's host parts
+and the step's period: when the host sets the pace, they say which part of its work grew. Both of vLLM's runners
+are timed (InfiniteVL runs V1; the Transformer twin runs V2 on CUDA), each by the parts it has.
 """
 
 from __future__ import annotations
@@ -16,14 +17,21 @@ import time
 from contextlib import contextmanager
 
 from ..serving.sessions_worker import SessionsWorkerExtension
+from ..vllm_patches import wrap_method
 
-# The model runner's host parts timed beside the waits, by method name. They say where the host's time goes when
-# it sets the pace: preparing inputs, building attention metadata (both inside execute_model), sampling.
-HOST_PARTS = ("execute_model", "_prepare_inputs", "_build_attention_metadata", "sample_tokens")
+# The model runner's host parts timed beside the waits, by method name: the step's two calls, then what inside
+# them prepares inputs and builds the attention metadata (V1: _prepare_inputs, _build_attention_metadata; V2:
+# prepare_inputs, prepare_attn). A runner without a part records none.
+HOST_PARTS = ("execute_model", "sample_tokens", "_prepare_inputs", "_build_attention_metadata", "prepare_inputs",
+              "prepare_attn")
+# Where each runner's async output waits for the sampled tokens: (module, class)
+OUTPUT_CLASSES = (("vllm.v1.worker.gpu_model_runner", "AsyncGPUModelRunnerOutput"),
+                  ("vllm.v1.worker.gpu.async_utils", "AsyncOutput"))
 
 _steps: list[dict[str, float]] = []  # one per output the core took: seconds by wait, part and the step's period
 _since_output: dict[str, float] = {}  # input waits and host parts since the last output
 _last_output = [0.0]  # when the last output was taken (perf_counter)
+_parts: list[str] = []  # the host parts the runner has
 
 
 def _timed_get_output(get_output):
@@ -31,7 +39,7 @@ def _timed_get_output(get_output):
         t0 = time.perf_counter()
         out = get_output(self)
         now = time.perf_counter()
-        step = {"input_wait": 0.0, **{part: 0.0 for part in HOST_PARTS}, **_since_output, "output_wait": now - t0}
+        step = {"input_wait": 0.0, **{part: 0.0 for part in _parts}, **_since_output, "output_wait": now - t0}
         step["period"] = now - _last_output[0] if _last_output[0] else 0.0
         _steps.append(step)
         _since_output.clear()
@@ -74,30 +82,35 @@ class CoreWaits:
     """Worker extension (see the module docstring); ``self`` is vLLM's worker."""
 
     def infinitevl_waits_start(self) -> bool:
-        """Time the two waits and the host parts from now on, and forget earlier steps. False where the runner
-        lacks the waits (vLLM's V2 runner, which the twin runs on CUDA; another vLLM)."""
-        from vllm.v1.worker import gpu_model_runner
+        """Time the waits and the host parts from now on, and forget earlier steps. False where there is no async
+        output to time (no model runner, or a vLLM without either runner's output class)."""
+        import importlib
 
         runner = getattr(self, "model_runner", None)
-        output_cls = getattr(gpu_model_runner, "AsyncGPUModelRunnerOutput", None)
-        if runner is None or output_cls is None or not hasattr(runner, "synchronize_input_prep"):
+        outputs = []
+        for module, name in OUTPUT_CLASSES:
+            try:
+                outputs.append(getattr(importlib.import_module(module), name))
+            except (ImportError, AttributeError):
+                continue
+        if runner is None or not outputs:
             return False
-        if not getattr(output_cls.get_output, "infinitevl_timed", False):
-            output_cls.get_output = _timed_get_output(output_cls.get_output)
-        if not getattr(runner.synchronize_input_prep, "infinitevl_timed", False):
-            runner.synchronize_input_prep = _timed_input_prep(runner.synchronize_input_prep)
-        for part in HOST_PARTS:
-            method = getattr(runner, part, None)
-            if method is not None and not getattr(method, "infinitevl_timed", False):
-                setattr(runner, part, _timed_part(part, method))
+        for cls in outputs:
+            wrap_method(cls, "get_output", _timed_get_output)
+        if getattr(runner, "synchronize_input_prep", None) is not None:  # V1 only
+            wrap_method(runner, "synchronize_input_prep", _timed_input_prep)
+        _parts[:] = [part for part in HOST_PARTS if getattr(runner, part, None) is not None]
+        for part in _parts:
+            wrap_method(runner, part, lambda method, part=part: _timed_part(part, method))
         _steps.clear()
         _since_output.clear()
         _last_output[0] = 0.0
         return True
 
     def infinitevl_waits_read(self) -> list[dict[str, float]]:
-        """Each step since ``infinitevl_waits_start``, oldest first: seconds of its input wait, output wait, each
-        host part and its period (from the previous output taken to this one; 0 for the first)."""
+        """Each step since ``infinitevl_waits_start``, oldest first: seconds of its input wait (0 on V2), output
+        wait, each host part the runner has and its period (from the previous output taken to this one; 0 for the
+        first)."""
         return list(_steps)
 
 
