@@ -154,7 +154,7 @@ def session_hooks_in_model_runner() -> None:
     writes the state back after the step that finishes its prompt. Requests of no session pass through."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    from .serving.sessions_worker import after_step, before_step
+    from .serving.sessions_worker import HOOKED_RUNNERS, after_step, before_step
 
     def wrap_update_states(update_states):
         def update_states_with_sessions(self, scheduler_output):
@@ -174,6 +174,7 @@ def session_hooks_in_model_runner() -> None:
 
     _replace(GPUModelRunner, "_update_states", "session_hooks_in_model_runner", wrap_update_states)
     _replace(GPUModelRunner, "execute_model", "session_hooks_in_model_runner", wrap_execute)
+    HOOKED_RUNNERS.add(GPUModelRunner)
 
 
 def apply() -> None:

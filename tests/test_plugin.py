@@ -173,3 +173,24 @@ def test_the_sessions_worker_extension_is_set_kept_or_extended(caplog):
         assert not caplog.records
         assert resolved(worker_extension("transformer")) == worker_extension("transformer")
     assert "streaming sessions need" in caplog.text
+
+
+def test_sessions_refuse_a_model_runner_without_their_step_hooks():
+    """The sessions' hooks are on vLLM's V1 runner. Under V2 (VLLM_USE_V2_MODEL_RUNNER=1) a session request would
+    silently run on an empty state, so the sessions' RPC refuses there, naming the runner and the way out."""
+    from types import SimpleNamespace
+
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from infinitevl_vllm import vllm_patches
+    from infinitevl_vllm.serving.sessions_worker import HOOKED_RUNNERS, SessionsWorkerExtension
+
+    vllm_patches.session_hooks_in_model_runner()
+    assert GPUModelRunner in HOOKED_RUNNERS
+
+    class V2Runner:  # stands for vllm.v1.worker.gpu.model_runner.GPUModelRunner
+        pass
+
+    worker = SimpleNamespace(model_runner=V2Runner())
+    with pytest.raises(RuntimeError, match="V1 model runner.*V2Runner.*unset VLLM_USE_V2_MODEL_RUNNER"):
+        SessionsWorkerExtension.infinitevl_session_rpc(worker, "list")

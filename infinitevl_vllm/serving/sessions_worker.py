@@ -43,6 +43,10 @@ from .session_protocol import EXTRA_ARGS_KEY, StreamCursor, stream_positions
 logger = logging.getLogger("vllm.infinitevl_vllm.sessions")
 
 RPC_METHOD = "infinitevl_session_rpc"
+# The model runner classes whose steps call before_step / after_step (vllm_patches.session_hooks_in_model_runner
+# adds vLLM's V1 runner). On any other runner (vLLM's V2, chosen with VLLM_USE_V2_MODEL_RUNNER=1) a session
+# request would run on an empty state, so the sessions' RPC refuses there.
+HOOKED_RUNNERS: set[type] = set()
 
 
 @dataclass
@@ -264,7 +268,12 @@ class SessionsWorkerExtension:
     engine-config rule): the sessions' RPC, reached through ``collective_rpc(RPC_METHOD, ...)``."""
 
     def infinitevl_session_rpc(self, op: str, *args):
-        return getattr(store_of(self.model_runner), op)(*args)
+        runner = self.model_runner
+        if not isinstance(runner, tuple(HOOKED_RUNNERS)):
+            cls = type(runner)
+            raise RuntimeError(f"streaming sessions need vLLM's V1 model runner, whose steps InfiniteVL hooks; this "
+                               f"engine runs {cls.__module__}.{cls.__qualname__} (unset VLLM_USE_V2_MODEL_RUNNER)")
+        return getattr(store_of(runner), op)(*args)
 
 
 WORKER_EXTENSION = f"{__name__}.{SessionsWorkerExtension.__qualname__}"
