@@ -60,3 +60,13 @@ def test_a_session_request_continues_its_session_ring():
     assert md.starts.tolist() == [11, 700]
     requests.drop("session-q")  # its next step is a plain decode again: no offset left behind
     assert b.build(0, step([1, 1], [13, 6])).starts.tolist() == [12, 5]
+
+
+def test_consecutive_steps_fill_different_host_buffers_into_one_device_buffer():
+    """A step's host values are copied asynchronously: the next step (in flight before the copy has run) must
+    not rewrite them; a CUDA graph reads the device buffer's address, which must not change."""
+    b = builder()
+    first = b.build(0, step([1], [10]))
+    second = b.build(0, step([1], [20]))
+    assert first.starts.data_ptr() == second.starts.data_ptr()
+    assert b.host_buffers[0][0] == 9 and b.host_buffers[1][0] == 19  # the first step's values left as they were

@@ -19,6 +19,7 @@ from infinitevl_kernels.swa.ring import PagedRing, ring_decode_attention, ring_p
 from infinitevl_kernels.swa.triton_ring import swa_paged_forward, warm_up_ring
 from vllm.config import CacheConfig, VllmConfig
 from vllm.model_executor.layers.attention import Attention
+from vllm.utils.platform_utils import is_pin_memory_available
 from vllm.v1.attention.backend import (
     AttentionBackend,
     AttentionCGSupport,
@@ -28,7 +29,6 @@ from vllm.v1.attention.backend import (
     CommonAttentionMetadata,
 )
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
-from vllm.v1.utils import CpuGpuBuffer
 
 from .state_manager import RingKVSpec
 from .state_size import ring_blocks
@@ -61,10 +61,14 @@ class RingAttentionMetadataBuilder(AttentionMetadataBuilder[RingAttentionMetadat
         sched, comp = vllm_config.scheduler_config, vllm_config.compilation_config
         rows = max(sched.max_num_seqs, sched.max_num_batched_tokens, comp.max_cudagraph_capture_size or 0) + 1
         # [starts (one a request) | prefill query starts (one a prefill, + 1)], made on the host and copied in
-        # at once, so a step launches no kernel for its ring metadata. The copy is pinned and asynchronous: the
-        # runner builds metadata inside its input-prep fence, so the next step cannot rewrite the host side
-        # before the copy has run.
-        self.buffer = CpuGpuBuffer(2 * rows + 1, dtype=torch.int32, device=device)
+        # at once, so a step launches no kernel for its ring metadata. The copy is pinned and asynchronous, into
+        # one device buffer (a captured graph reads its address), from host buffers taken in turn: a host buffer
+        # is rewritten only two builds later, when vLLM has had the output of the step that read it (V1 also
+        # fences its input preparation; V2 keeps two steps in flight and rotates its own buffers the same way).
+        self.device_buffer = torch.zeros(2 * rows + 1, dtype=torch.int32, device=device)
+        pinned = device.type != "cpu" and is_pin_memory_available()
+        self.host_buffers = [torch.zeros(2 * rows + 1, dtype=torch.int32, pin_memory=pinned) for _ in range(2)]
+        self.builds = 0
         self.step_requests = step_requests_of(vllm_config, layer_names)  # per-request data of the step
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
@@ -75,7 +79,9 @@ class RingAttentionMetadataBuilder(AttentionMetadataBuilder[RingAttentionMetadat
         qsl = md.query_start_loc_cpu[: n + 1].numpy()
         # the runner's host sequence lengths are exact without speculative decoding, which InfiniteVL has not
         seq_lens = md.seq_lens_cpu_upper_bound if md.seq_lens_cpu_upper_bound is not None else md.seq_lens.cpu()
-        host = self.buffer.np
+        host_buffer = self.host_buffers[self.builds % len(self.host_buffers)]
+        self.builds += 1
+        host = host_buffer.numpy()
         starts = host[:n]
         # tokens before this step = tokens after it - this step's; CUDA-graph padding rows (no tokens,
         # no sequence) come out 0 and write into the null block
@@ -87,7 +93,8 @@ class RingAttentionMetadataBuilder(AttentionMetadataBuilder[RingAttentionMetadat
         end = n + num_prefills + 1 if num_prefills else n
         if num_prefills:
             np.subtract(qsl[num_decodes : num_decodes + num_prefills + 1], num_decode_tokens, out=host[n:end])
-        device = self.buffer.copy_to_gpu(end)
+        device = self.device_buffer[:end]
+        device.copy_(host_buffer[:end], non_blocking=True)
         on_cpu = self.device.type == "cpu"
         return RingAttentionMetadata(
             num_decodes=num_decodes,
