@@ -1,9 +1,10 @@
 """The engine's host work in a batch-1 decode step, by part, against the prompt's length (CPU, tiny preset).
 
-On an H200 the batch-1 step of InfiniteVL-4B is 2.86 ms of GPU work, yet some runs of the served bench stepped
-at 3.5 to 3.85 ms (docs/gpu.md, run 2): the host set the pace there. This script asks whether any host part
-of a step grows with the context. vLLM's engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``)
-under cProfile while one request decodes; each part's time is divided by the steps. Only the decode steps are
+On an H200 the served batch-1 step of InfiniteVL-4B is bound by the engine core's host work, not the GPU
+(docs/gpu.md, session 13: 2.6 to 3.7 ms of host work a step against about 2.5 ms of GPU work). This script
+asks which host parts a step has and whether any grows with the context. vLLM's engine core runs in this
+process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) under cProfile while one request decodes; each part's time is
+divided by the steps. Only the decode steps are
 profiled (the prefill runs first, unprofiled). The model's forward and the logits are the CPU's compute here, not
 host overhead on a GPU; they are listed to show what is left.
 
