@@ -615,17 +615,16 @@ class Worker:
             return waits or {"steps": 0}
         waits = waits[-steps:]
 
-        def p50(of) -> float:
-            return round(1e3 * _percentile([of(w) for w in waits], 0.5), 3)
+        def p50(of, steps: list[dict] = waits) -> float:
+            return round(1e3 * _percentile([of(w) for w in steps], 0.5), 3)
 
         row = {"steps": len(waits), "input_ms_p50": p50(lambda w: w["input_wait"]),
                "output_ms_p50": p50(lambda w: w["output_wait"]),
                "ms_p50": p50(lambda w: w["input_wait"] + w["output_wait"])}
         timed = [w for w in waits if w["period"] > 0]  # the first output taken has no period
         if timed:
-            row["period_ms_p50"] = round(1e3 * _percentile([w["period"] for w in timed], 0.5), 3)
-            row["host_ms_p50"] = round(1e3 * _percentile(
-                [w["period"] - w["input_wait"] - w["output_wait"] for w in timed], 0.5), 3)
+            row["period_ms_p50"] = p50(lambda w: w["period"], timed)
+            row["host_ms_p50"] = p50(lambda w: w["period"] - w["input_wait"] - w["output_wait"], timed)
         row["parts_ms_p50"] = {part.strip("_"): p50(lambda w, part=part: w[part]) for part in HOST_PARTS
                                if part in waits[0]}  # the parts this runner has
         return row
