@@ -34,6 +34,8 @@ PATCHES = {
     "slot_gauges_in_metrics": "infinitevl:state_* slot gauges in /metrics beside vLLM's own",
     "skip_session_frames_in_mm_cache": "session frames never repeat; caching them fills the multimodal cache",
     "session_hooks_in_model_runner": "a session request starts from its session's state and writes it back",
+    "steady_decode_reuses_step_inputs": "vLLM rebuilds every input and metadata each step on the host, which bounds "
+                                        "a batch-1 decode; a step of the same decodes advances the last one's",
     "refuse_remote_media": "vLLM fetches any http(s) URL when no --allowed-media-domains is given; we refuse",
     "refuse_file_urls": "vLLM answers a file:// URL without --allowed-local-media-path with a 500; we give a 400",
     "refuse_decompression_bombs": "PIL's DecompressionBombError reaches the client as a 500; we give a 400",
@@ -177,6 +179,37 @@ def session_hooks_in_model_runner() -> None:
     HOOKED_RUNNERS.add(GPUModelRunner)
 
 
+def steady_decode_reuses_step_inputs() -> None:
+    """A step that decodes the same requests as the step before skips vLLM's input preparation and metadata
+    builds: model/steady_decode.py advances the previous step's in place (InfiniteVL engines only)."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from .model import steady_decode
+
+    def wrap_prepare(prepare_inputs):
+        def prepare_inputs_steady(self, scheduler_output, num_scheduled_tokens):
+            return steady_decode.prepare_inputs(self, prepare_inputs, scheduler_output, num_scheduled_tokens)
+
+        return prepare_inputs_steady
+
+    def wrap_build(build_attention_metadata):
+        def build_attention_metadata_steady(self, *args, **kwargs):
+            return steady_decode.build_attention_metadata(self, build_attention_metadata, *args, **kwargs)
+
+        return build_attention_metadata_steady
+
+    def wrap_dummy_run(dummy_run):
+        def dummy_run_then_rebuild(self, *args, **kwargs):
+            steady_decode.forget_on_dummy_run(self)
+            return dummy_run(self, *args, **kwargs)
+
+        return dummy_run_then_rebuild
+
+    _replace(GPUModelRunner, "_prepare_inputs", "steady_decode_reuses_step_inputs", wrap_prepare)
+    _replace(GPUModelRunner, "_build_attention_metadata", "steady_decode_reuses_step_inputs", wrap_build)
+    _replace(GPUModelRunner, "_dummy_run", "steady_decode_reuses_step_inputs", wrap_dummy_run)
+
+
 def apply() -> None:
     """Every patch an InfiniteVL engine needs, once per process (plugin.register() may run many times)."""
     check_vllm_version()
@@ -185,6 +218,7 @@ def apply() -> None:
     slot_gauges_in_metrics()
     skip_session_frames_in_mm_cache()
     session_hooks_in_model_runner()
+    steady_decode_reuses_step_inputs()
     if os.environ.get(HARDEN_MEDIA_ENV) == "1":
         harden_media()
 

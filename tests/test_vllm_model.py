@@ -94,6 +94,28 @@ def test_batch_of_8_equals_each_alone(llm, processor):
     check_batch_of_8_equals_each_alone(llm, processor, _sampling(max_tokens=10, prompt_logprobs=None))
 
 
+def _steady_decode_steps(worker) -> int | None:
+    steady = worker.model_runner.__dict__.get("_infinitevl_steady_decode")
+    return None if steady is None else steady.reused_steps
+
+
+def test_steady_decode_steps_reuse_the_last_steps_inputs_and_equal_the_reference(llm, ref, processor):
+    """A step that decodes the same requests as the step before advances that step's inputs and metadata
+    instead of rebuilding them (model/steady_decode.py). Three requests that stop at different steps (so the
+    batch shrinks twice and rebuilds), decoding past the ring's window (so the reused ring starts wrap), give
+    the reference's greedy tokens, and most of their decode steps were reused ones."""
+    lengths = [3 * SMALL_WINDOW, 2 * SMALL_WINDOW, 5]
+    prompts = [chat_prompt(processor, t) for t in random_texts([20, 45, 8], seed=11)]
+    (before,) = llm.collective_rpc(_steady_decode_steps)
+    outs = llm.generate([vllm_prompt(p) for p in prompts],
+                        [_sampling(max_tokens=n, prompt_logprobs=None, ignore_eos=True) for n in lengths],
+                        use_tqdm=False)
+    (after,) = llm.collective_rpc(_steady_decode_steps)
+    assert after - (before or 0) >= max(lengths) // 2, (before, after)
+    for prompt, out, n in zip(prompts, outs, lengths):
+        assert list(out.outputs[0].token_ids) == ref.generate(reference_inputs(processor, prompt), n)
+
+
 def _count_gdn_metadata_builds(worker) -> int:
     """In the engine's process: counts, on the worker, each GDN builder's full builds and block-table updates."""
     from infinitevl_vllm.model.vllm_model import InfiniteVLGDNMetadataBuilder

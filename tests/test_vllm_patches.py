@@ -25,6 +25,8 @@ ENGINE_TESTS = {
         ["tests/test_sessions.py::test_frames_stay_out_of_vllms_multimodal_processor_cache"],
     "session_hooks_in_model_runner":
         ["tests/test_sessions.py::test_frames_one_by_one_then_ask_equals_one_request_with_everything"],
+    "steady_decode_reuses_step_inputs":
+        ["tests/test_vllm_model.py::test_steady_decode_steps_reuse_the_last_steps_inputs_and_equal_the_reference"],
 }
 
 
@@ -44,6 +46,9 @@ def _targets():
         "slot_gauges_in_metrics": [(PrometheusStatLogger, "record")],
         "skip_session_frames_in_mm_cache": [(BaseMultiModalCache, "cache_if_fits")],
         "session_hooks_in_model_runner": [(GPUModelRunner, "_update_states"), (GPUModelRunner, "execute_model")],
+        "steady_decode_reuses_step_inputs": [(GPUModelRunner, "_prepare_inputs"),
+                                             (GPUModelRunner, "_build_attention_metadata"),
+                                             (GPUModelRunner, "_dummy_run")],
         "refuse_remote_media": [(MediaConnector, "_assert_url_in_allowed_media_domains")],
         "refuse_file_urls": [(MediaConnector, "_load_file_url")],
         "refuse_decompression_bombs": [(ImageMediaIO, "load_bytes")],

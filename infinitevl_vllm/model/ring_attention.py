@@ -107,6 +107,14 @@ class RingAttentionMetadataBuilder(AttentionMetadataBuilder[RingAttentionMetadat
         )
 
 
+def advance_decodes(md: RingAttentionMetadata, num_reqs: int) -> None:
+    """The same all-decode batch one step later (model/steady_decode.py): each request's ring start is one
+    further, in the device buffer a captured graph reads (padding rows keep writing into the null block)."""
+    md.starts[:num_reqs] += 1
+    if md.starts_cpu is not None:
+        md.starts_cpu[:num_reqs] = [s + 1 for s in md.starts_cpu[:num_reqs]]
+
+
 class RingAttentionImpl(AttentionImpl[RingAttentionMetadata]):
     def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int | None = None,
                  alibi_slopes=None, sliding_window: int | None = None, kv_cache_dtype: str = "auto",
