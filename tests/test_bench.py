@@ -348,6 +348,8 @@ def test_small_run_of_every_workload_writes_every_result_and_names_the_model_tha
             assert r["peak_rss_bytes"] > 2**30 and 0 < r["kv_cache_used_bytes"] <= 0.5 * 2**30
         # the worker extension answers (the CPU runner has no async outputs to time: no steps)
         assert all(r["core_waits"] == {"steps": 0} for r in dvc)
+        # InfiniteVL's decode steps after the first reuse the step before's inputs (model/steady_decode.py)
+        assert [r.get("steady_decode_steps") for r in dvc] == ([2, 2] if m is ours else [None, None])
         assert all(len(r["itls_ms"]) == r["output_tokens"] - 1 for r in dvc)
         for r in dvc + st:  # one request, 4 tokens: 3 gaps stamped by the engine core
             assert r["output_tokens"] == 4 * r["requests"]

@@ -589,7 +589,10 @@ class Worker:
         rows = self._rows("decode-vs-context")
         for c in self.info.contexts:
             started = self._rpc("infinitevl_waits_start")  # True; False without async outputs; or an error
+            steady = self._rpc("infinitevl_steady_decode_steps")
             row = {"context": c, **self._run([self._ids(c, 0)])}
+            if isinstance(steady, int):  # the decode steps that reused the step before's inputs (InfiniteVL)
+                row["steady_decode_steps"] = self._rpc("infinitevl_steady_decode_steps") - steady
             row["itls_ms"] = [round(1e3 * t, 3) for t in self.stats.itls]  # each gap: a slow mode shows its shape
             row["core_waits"] = self._core_waits(row["output_tokens"] - 1) if started is True else (
                 started or {"steps": 0})

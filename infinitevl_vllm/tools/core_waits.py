@@ -114,6 +114,13 @@ class CoreWaits:
         return list(_steps)
 
 
+    def infinitevl_steady_decode_steps(self) -> int | None:
+        """How many steps so far reused the step before's inputs (model/steady_decode.py); None for a model
+        other than InfiniteVL."""
+        steady = getattr(getattr(self, "model_runner", None), "_infinitevl_steady_decode", None)
+        return None if steady is None else steady.reused_steps
+
+
 class SessionsAndCoreWaits(SessionsWorkerExtension, CoreWaits):
     """InfiniteVL's worker extension (the sessions' RPC) with the waits' methods."""
 
