@@ -102,9 +102,10 @@ def _advance_inputs(runner, scheduler_output, n: int) -> None:
                        out=runner.input_ids.cpu[:n])
     runner._compute_prev_positions(n)
     runner._prepare_input_ids(scheduler_output, n, n, runner.query_start_loc.np[1 : n + 1])
-    runner.positions[:n] += 1
-    if runner.uses_mrope:
+    if runner.uses_mrope:  # the model reads these (then nothing reads vLLM's 1-D positions in a decode step)
         runner.mrope_positions.gpu[:, :n] += 1  # a decode token's three M-RoPE rows are its position + delta
+    else:
+        runner.positions[:n] += 1
     runner.seq_lens[:n] += 1
 
 
