@@ -49,6 +49,7 @@ def test_any_change_to_the_batch_or_its_blocks_rebuilds(change):
 
 def test_prompt_tokens_rebuild_even_one_at_a_time():
     assert _decode_batch(_runner(), _step(), np.array([1, 2])) is None  # a prompt chunk beside a decode
+    assert _decode_batch(_runner(), _step(), np.array([1, 0])) is None  # a request with nothing this step
     assert _decode_batch(_runner(computed=(40, 8)), _step(), np.array([1, 1])) is None  # a one-token prompt chunk
 
 

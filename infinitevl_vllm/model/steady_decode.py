@@ -78,7 +78,8 @@ def _decode_batch(runner, scheduler_output, num_scheduled_tokens: np.ndarray) ->
         return None
     batch = runner.input_batch
     n = batch.num_reqs
-    if n == 0 or int(num_scheduled_tokens.max()) != 1 or runner.speculative_config is not None:
+    if n == 0 or len(num_scheduled_tokens) != n or (num_scheduled_tokens != 1).any() \
+            or runner.speculative_config is not None:
         return None
     if runner.lora_config or runner.enable_prompt_embeds or batch.req_prompt_embeds:
         return None
