@@ -1,8 +1,10 @@
 """The engine's host work in a batch-1 decode step, by part, against the prompt's length (CPU, tiny preset).
 
 On an H200 the served batch-1 step of InfiniteVL-4B is bound by the engine core's host work, not the GPU
-(docs/gpu.md, session 13: 2.6 to 3.7 ms of host work a step against about 2.5 ms of GPU work). This script
-asks which host parts a step has and whether any grows with the context. vLLM's engine core runs in this
+(docs/gpu.md, session 13: 2.6 to 3.7 ms of host work a step against about 2.5 ms of GPU work), until steady decode
+(model/steady_decode.py, session 14) let a step of the same decodes skip vLLM's input preparation and metadata
+builds. This script asks which host parts a step has, whether any grows with the context, and what steady decode
+saves: at each context the same engine decodes once with it and once without. vLLM's engine core runs in this
 process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) under cProfile while one request decodes; each part's time is
 divided by the steps. Only the decode steps are
 profiled (the prefill runs first, unprofiled). The model's forward and the logits are the CPU's compute here, not
@@ -29,8 +31,12 @@ PARTS = [
     ("engine core step", "v1/engine/core.py", "step"),
     ("scheduler.schedule", "v1/core/sched/scheduler.py", "schedule"),
     ("scheduler.update_from_output", "v1/core/sched/scheduler.py", "update_from_output"),
-    ("runner._prepare_inputs", "v1/worker/gpu_model_runner.py", "_prepare_inputs"),
-    ("runner._build_attention_metadata", "v1/worker/gpu_model_runner.py", "_build_attention_metadata"),
+    # as vllm_patches installs them: steady decode's, which call vLLM's own when a step is not steady
+    ("runner._prepare_inputs", "infinitevl_vllm/vllm_patches.py", "prepare_inputs_steady"),
+    ("  vLLM's whole input preparation", "v1/worker/gpu_model_runner.py", "_prepare_inputs"),
+    ("  steady decode (ours): inputs advanced in place", "infinitevl_vllm/model/steady_decode.py", "_advance_inputs"),
+    ("runner._build_attention_metadata", "infinitevl_vllm/vllm_patches.py", "build_attention_metadata_steady"),
+    ("  vLLM's metadata builds", "v1/worker/gpu_model_runner.py", "_build_attention_metadata"),
     ("  ring metadata builder (ours)", "infinitevl_vllm/model/ring_attention.py", "build"),
     ("  GDN metadata builders (vLLM's, under our subclass)", "infinitevl_vllm/model/vllm_model.py", "build"),
     ("sessions hooks (ours)", "infinitevl_vllm/serving/sessions_worker.py", "before_step"),
@@ -58,10 +64,16 @@ def main() -> None:
     llm = LLM(a.ckpt, max_model_len=max(contexts) + a.tokens + 16, max_num_seqs=4, seed=0)
     params = SamplingParams(temperature=0.0, max_tokens=a.tokens, ignore_eos=True)
     engine = llm.llm_engine
+    runner = engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
     rows = []
-    for c in contexts:
+    for c, steady in [(c, steady) for c in contexts for steady in (True, False)]:
+        # the same engine with and without steady decode, one after the other at each context: a record of
+        # None makes the runner take vLLM's whole preparation every step (model/steady_decode.py)
+        runner.__dict__.pop("_infinitevl_steady_decode", None)
+        if not steady:
+            runner._infinitevl_steady_decode = None
         prompt = {"prompt_token_ids": [1000 + (i * 7919) % 100000 for i in range(c)]}
-        engine.add_request(f"ctx-{c}", prompt, params)
+        engine.add_request(f"ctx-{c}-{steady}", prompt, params)
         while not any(o.outputs[0].token_ids for o in engine.step()):  # the prefill, unprofiled
             pass
         prof, steps = cProfile.Profile(), 0
@@ -74,8 +86,9 @@ def main() -> None:
         wall = (time.perf_counter() - t0) / steps
         stats = pstats.Stats(prof)
         parts = {label: round(1e3 * _cumulative(stats, suffix, fn) / steps, 3) for label, suffix, fn in PARTS}
-        rows.append({"context": c, "decode_steps": steps, "ms_per_step_wall_under_cprofile": round(1e3 * wall, 3),
-                     "ms_per_step": parts})
+        reused = runner._infinitevl_steady_decode.reused_steps if steady else 0
+        rows.append({"context": c, "steady_decode": steady, "decode_steps": steps, "steady_decode_steps": reused,
+                     "ms_per_step_wall_under_cprofile": round(1e3 * wall, 3), "ms_per_step": parts})
         print(json.dumps(rows[-1]), flush=True)
     import vllm
 
