@@ -125,7 +125,7 @@ def prepare_inputs(runner, prepare, scheduler_output, num_scheduled_tokens: np.n
     steady.reusing = req_ids is not None and last is not None and last.req_ids == req_ids
     if steady.reusing:
         _advance_inputs(runner, scheduler_output, len(req_ids))
-        steady.pending = last
+        steady.pending, steady.last = last, None  # reusable again once its metadata has advanced too
         return last.logits_indices, None, 1
     out = prepare(runner, scheduler_output, num_scheduled_tokens)
     steady.last = None

@@ -113,7 +113,6 @@ class CoreWaits:
         first)."""
         return list(_steps)
 
-
     def infinitevl_steady_decode_steps(self) -> int | None:
         """How many steps so far reused the step before's inputs (model/steady_decode.py); None for a model
         other than InfiniteVL."""
