@@ -57,3 +57,49 @@ def test_a_streaming_sessions_request_rebuilds():
     step = StepRequests()
     step.set("r1", RequestStart(token_offset=500, initial_state=True))
     assert _decode_batch(_runner(step=step), _step(), np.array([1, 1])) is None
+
+
+def test_a_step_reuses_only_the_record_of_a_step_that_built_or_advanced_all_of_its_metadata(monkeypatch):
+    """The record's life: a full decode step records its inputs and metadata; the next step of the same requests
+    advances them and hands the same metadata back with the rings one further; a step that never reaches its
+    metadata build leaves nothing to reuse, and so does a dummy run."""
+    import torch
+
+    from infinitevl_vllm.model import steady_decode
+    from infinitevl_vllm.model.ring_attention import RingAttentionMetadata
+
+    advanced = []
+    monkeypatch.setattr(steady_decode, "_decode_batch", lambda runner, so, nst: ("r0",))
+    monkeypatch.setattr(steady_decode, "_advance_inputs", lambda runner, so, n: advanced.append(n))
+    runner = SimpleNamespace(_infinitevl_steady_decode=SteadyDecode(None))
+    ring = RingAttentionMetadata(num_decodes=1, starts=torch.tensor([7, 0], dtype=torch.int32),
+                                 ring_block_ids=torch.zeros(2, 4, dtype=torch.int32), prefill_query_start_loc=None,
+                                 max_prefill_len=1, query_start_loc_cpu=None, starts_cpu=[7, 0])
+    calls = []
+
+    def prepare(runner, so, nst):
+        calls.append("prepare")
+        return torch.tensor([0]), None, 1
+
+    def build(runner, **kwargs):
+        calls.append("build")
+        return {"layers.3.attn": ring}, None
+
+    args = {"num_tokens": 1, "num_tokens_padded": 2, "num_reqs": 1, "num_reqs_padded": 2, "max_query_len": 1}
+
+    def step(with_build=True):
+        steady_decode.prepare_inputs(runner, prepare, None, np.array([1]))
+        return steady_decode.build_attention_metadata(runner, build, **args) if with_build else None
+
+    step()  # the first decode step: vLLM's whole preparation, recorded
+    assert calls == ["prepare", "build"] and advanced == []
+    md, _ = step()  # the same requests: advanced, the same metadata, the ring one further (padding row untouched)
+    assert calls == ["prepare", "build"] and advanced == [1] and md["layers.3.attn"] is ring
+    assert ring.starts.tolist() == [8, 0] and ring.starts_cpu == [8, 0]
+    assert runner._infinitevl_steady_decode.reused_steps == 1
+    step(with_build=False)  # inputs advanced, but the metadata never was: nothing is reusable
+    step()
+    assert calls == ["prepare", "build"] * 2 and ring.starts.tolist() == [8, 0]
+    steady_decode.forget_on_dummy_run(runner)  # a dummy run rewrote the buffers
+    step()
+    assert calls == ["prepare", "build"] * 3
