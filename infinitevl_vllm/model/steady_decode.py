@@ -46,13 +46,12 @@ class SteadyDecode:
     def __init__(self, step_requests) -> None:
         self.step_requests = step_requests  # the model's: requests of a streaming session are never steady
         self.last: _DecodeStep | None = None  # the last step, if all of it decoded and its metadata is reusable
-        self.pending: _DecodeStep | None = None  # this step's, between input preparation and metadata
-        self.reusing = False
+        # this step's, between input preparation and metadata: a reused record (its metadata recorded) or a new one
+        self.pending: _DecodeStep | None = None
         self.reused_steps = 0
 
     def forget(self) -> None:
         self.last = self.pending = None
-        self.reusing = False
 
 
 def steady_decode_of(runner) -> SteadyDecode | None:
@@ -122,8 +121,7 @@ def prepare_inputs(runner, prepare, scheduler_output, num_scheduled_tokens: np.n
         return prepare(runner, scheduler_output, num_scheduled_tokens)
     req_ids = _decode_batch(runner, scheduler_output, num_scheduled_tokens)
     last = steady.last
-    steady.reusing = req_ids is not None and last is not None and last.req_ids == req_ids
-    if steady.reusing:
+    if req_ids is not None and last is not None and last.req_ids == req_ids:
         _advance_inputs(runner, scheduler_output, len(req_ids))
         steady.pending, steady.last = last, None  # reusable again once its metadata has advanced too
         return last.logits_indices, None, 1
@@ -141,7 +139,7 @@ def build_attention_metadata(runner, build, *args, **kwargs):
         return build(runner, *args, **kwargs)
     steady.pending = None
     key = tuple(kwargs.get(name) for name in _METADATA_ARGS)
-    if steady.reusing and key == step.metadata_args:
+    if key == step.metadata_args:  # a reused record, built with the same arguments (a new one has none)
         n = kwargs["num_reqs"]
         for md in {id(md): md for md in step.attn_metadata.values()}.values():
             if isinstance(md, RingAttentionMetadata):
