@@ -11,7 +11,12 @@ question, same seeds). For each model, the mean |log-prob - float32 log-prob| ov
 - ``per_sublayer``: a relative Gaussian error of 2^-9 (bf16's rounding) is added to one sublayer's output
   (attention or linear-attention mixer, or MLP), one at a time, texts only.
 
-Writes benchmarks/results/bf16_sensitivity.json. About 5 minutes on 2 cores.
+And ``greedy_flips``, the yardstick behind the suite's bf16 batch-invariance bar: on its 32 prompts (4 probes
+and 28 fillers), 16 greedy tokens of the bf16 model, then again with every decoder product summed in another
+order (float32 products of the same bf16 operands, rounded once, as a batch-1 matrix-vector pass and a batched
+GEMM differ): how many continuations change, and by how much the changed token had led its runner-up.
+
+Writes benchmarks/results/bf16_sensitivity.json. About 10 minutes on 2 cores.
 
     python benchmarks/bf16_sensitivity.py [--out PATH]
 """
@@ -31,9 +36,15 @@ from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
 from infinitevl_vllm.checkpoint import load_reference, make_checkpoint
 from infinitevl_vllm.reference import MultimodalInputs
-from infinitevl_vllm.tools.workloads import chat_prompt, hf_prompt_logprobs, parity_questions
+from infinitevl_vllm.tools.workloads import (
+    batch_invariance_questions,
+    chat_prompt,
+    hf_prompt_logprobs,
+    parity_questions,
+)
 
 BF16_RELATIVE = 2.0**-9
+GREEDY_TOKENS = 16
 
 
 class Side:
@@ -71,6 +82,72 @@ class Side:
         return torch.cat(out)
 
 
+    def greedy(self, model, text: str, images: list) -> tuple[list[int], list[float]]:
+        """GREEDY_TOKENS greedy tokens (EOS ignored) and how far each led its runner-up, in nats."""
+        batch = self.processor(text=[chat_prompt(self.processor, text, n_images=len(images))], return_tensors="pt",
+                               **({"images": images} if images else {}))
+        tokens, leads = [], []
+        with torch.no_grad():
+            if self.name == "ours":
+                logits, state = model.prefill(MultimodalInputs.from_processor(batch))
+                last = logits[-1]
+            else:
+                batch = batch.to(dtype=model.dtype)
+                last = model(**batch, use_cache=False).logits[0, -1]
+            while True:
+                top = torch.log_softmax(last.double(), -1).topk(2)
+                tokens.append(int(top.indices[0]))
+                leads.append(float(top.values[0] - top.values[1]))
+                if len(tokens) == GREEDY_TOKENS:
+                    return tokens, leads
+                if self.name == "ours":
+                    last = model.step(tokens[-1], state)
+                else:  # the whole sequence again: no cache to keep apart from the product under study
+                    ids = batch["input_ids"]
+                    for key, per_token in list(batch.items()):  # the ids, the mask, the token types
+                        if key != "input_ids" and per_token.shape == ids.shape:
+                            new = per_token[:, -1:] if key == "attention_mask" else torch.zeros_like(per_token[:, -1:])
+                            batch[key] = torch.cat([per_token, new], 1)
+                    batch["input_ids"] = torch.cat([ids, torch.tensor([[tokens[-1]]])], 1)
+                    last = model(**batch, use_cache=False).logits[0, -1]
+
+
+def float32_products(layers: list[torch.nn.Module]) -> list:
+    """Hooks that recompute every linear layer's output as a float32 product of its bf16 operands, rounded once:
+    the same values summed in another order."""
+
+    def hook(module, inputs, output):
+        bias = None if module.bias is None else module.bias.float()
+        return torch.nn.functional.linear(inputs[0].float(), module.weight.float(), bias).to(output.dtype)
+
+    return [m.register_forward_hook(hook) for layer in layers for m in layer.modules()
+            if isinstance(m, torch.nn.Linear)]
+
+
+def greedy_flips(side: Side) -> dict:
+    probes, fillers = batch_invariance_questions()
+    model = side.load(torch.bfloat16)
+    runs = [side.greedy(model, text, images) for text, images in probes + fillers]
+    again = [side.greedy(model, text, images)[0] for text, images in probes]  # the same order: no change
+    handles = float32_products(side.decoder_layers(model))
+    reordered = [side.greedy(model, text, images)[0] for text, images in probes + fillers]
+    for h in handles:
+        h.remove()
+    rows = []
+    for (tokens, leads), other in zip(runs, reordered):
+        first = next((i for i, (a, b) in enumerate(zip(tokens, other)) if a != b), None)
+        rows.append({"first_difference": first, "lead_nats": None if first is None else leads[first]})
+    all_leads = [lead for _, leads in runs for lead in leads]
+    return {
+        "prompts": len(rows), "tokens": GREEDY_TOKENS,
+        "changed": sum(r["first_difference"] is not None for r in rows),
+        "probes_changed": sum(r["first_difference"] is not None for r in rows[:len(probes)]),
+        "repeat_changed": sum(a != tokens for a, (tokens, _) in zip(again, runs)),
+        "tokens_tied": sum(lead == 0 for lead in all_leads) / len(all_leads),  # bf16 logits equal: any change flips
+        "per_prompt": rows,
+    }
+
+
 def hooked(module: torch.nn.Module, change: Callable[[torch.Tensor], torch.Tensor]):
     """A forward hook that replaces the module's output (or its first element) by change(output)."""
 
@@ -103,6 +180,7 @@ def measure(side: Side) -> dict:
             kind = part if side.name == "twin" or part == "mlp" else ("swa" if layer.is_swa else "gdn")
             rows.append({"layer": i, "sublayer": kind, "mean_abs": moved})
     result["per_sublayer"] = rows
+    result["greedy_flips"] = greedy_flips(side)
     return result
 
 
@@ -125,6 +203,10 @@ def main() -> None:
         rows = r["per_sublayer"]
         print(f"{name}: bf16 model {r['bf16_model']:.4f}, embeddings rounded {r['embeddings_rounded']:.4f};",
               "per sublayer:", " ".join(f"{x['layer']}{x['sublayer'][0]}={x['mean_abs']:.4f}" for x in rows))
+        flips = r["greedy_flips"]
+        print(f"{name}: summing the products in another order changed {flips['changed']} of {flips['prompts']}",
+              f"greedy continuations ({flips['probes_changed']} of the 4 probes); {flips['repeat_changed']} changed",
+              f"on a plain repeat; {flips['tokens_tied']:.1%} of greedy tokens tied with the runner-up in bf16")
     print("ratios ours/twin:", {k: round(v, 2) for k, v in ratios.items()}, "->", args.out)
 
 

@@ -186,3 +186,14 @@ def hf_prompt_logprobs(model, processor, prompt: str, images=None) -> tuple[list
     ids = batch["input_ids"][0]
     lp = torch.log_softmax(logits[:-1].double(), -1).gather(-1, ids[1:, None]).squeeze(-1)
     return ids.tolist(), lp.cpu()
+
+
+def batch_invariance_questions() -> tuple[list[tuple[str, list]], list[tuple[str, list]]]:
+    """(probes, fillers) of the bf16 batch-invariance check (tests/gpu, benchmarks/bf16_sensitivity.py), as
+    (user text, images) before the chat template: 3 texts of 12 to 300 words and an image question, and 28
+    texts of 3 to 600 words that fill a batch of 32 around them."""
+    probes = [(t, []) for t in random_texts((12, 90, 300), seed=51)]
+    probes.append(("What is in this picture?", [random_image(52)]))
+    lengths = np.random.default_rng(53).integers(3, 601, size=28).tolist()
+    return probes, [(t, []) for t in random_texts(lengths, seed=54)]
+

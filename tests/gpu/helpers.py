@@ -109,3 +109,18 @@ def greedy_tokens(llm, prompts: list[Prompt], max_tokens: int) -> list[list[int]
     outs = llm.generate([vllm_prompt(p, images) for p, images in prompts],
                         SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True), use_tqdm=False)
     return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def greedy_margins(llm, prompt: Prompt, max_tokens: int) -> tuple[list[int], list[float]]:
+    """One prompt's greedy continuation and, at each token, how far (nats) it led the runner-up: a batch that
+    changes a token where that lead is within bf16's noise says nothing about the batching code."""
+    from vllm import SamplingParams
+
+    (out,) = llm.generate([vllm_prompt(*prompt)], SamplingParams(temperature=0.0, max_tokens=max_tokens,
+                                                                 ignore_eos=True, logprobs=2), use_tqdm=False)
+    tokens = list(out.outputs[0].token_ids)
+    leads = []
+    for token, top in zip(tokens, out.outputs[0].logprobs):
+        others = [lp.logprob for t, lp in top.items() if t != token]
+        leads.append(float(top[token].logprob - max(others)) if others else float("inf"))
+    return tokens, leads

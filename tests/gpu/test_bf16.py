@@ -10,12 +10,11 @@ the same options (bf16, prefix caching off, vLLM's default compilation and chunk
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
-from infinitevl_vllm.tools.workloads import chat_prompt, random_image, random_texts
+from infinitevl_vllm.tools.workloads import batch_invariance_questions, chat_prompt
 
-from .helpers import PARITY_MAX_RATIO, Parity, Prompt, greedy_tokens
+from .helpers import PARITY_MAX_RATIO, Parity, Prompt, greedy_margins, greedy_tokens
 
 pytestmark = pytest.mark.gpu
 
@@ -35,15 +34,21 @@ def test_bf16_logprobs_as_close_to_float32_as_the_transformer_twins(parity: Pari
         f"ours {parity.ours_mean_abs:.4f} vs twin {parity.twin_mean_abs:.4f} (ratio {parity.ratio:.2f})")
 
 
-def _batch_invariance(llm, probes: list[Prompt], fillers: list[Prompt]) -> float:
-    """Fraction of the probes whose greedy tokens inside a batch of 32 equal their tokens run alone."""
+def _batch_invariance(llm, probes: list[Prompt], fillers: list[Prompt]) -> tuple[float, list[dict]]:
+    """Fraction of the probes whose greedy tokens inside a batch of 32 equal their tokens run alone, and for each
+    probe where the two first differ and how far the alone run's token led its runner-up there."""
     batch = list(fillers)
     for pos, probe in zip(PROBE_POSITIONS, probes):
         batch.insert(pos, probe)
     assert len(batch) == 32
     together = greedy_tokens(llm, batch, PROBE_TOKENS)
-    alone = [greedy_tokens(llm, [probe], PROBE_TOKENS)[0] for probe in probes]
-    return sum(together[pos] == a for pos, a in zip(PROBE_POSITIONS, alone)) / len(probes)
+    details = []
+    for pos, probe in zip(PROBE_POSITIONS, probes):
+        alone, leads = greedy_margins(llm, probe, PROBE_TOKENS)
+        first = next((i for i, (a, b) in enumerate(zip(alone, together[pos])) if a != b), None)
+        details.append({"first_difference": first, "alone_lead_nats": None if first is None else leads[first],
+                        "alone_min_lead_nats": min(leads)})
+    return sum(d["first_difference"] is None for d in details) / len(probes), details
 
 
 def test_batch_invariance_at_least_the_transformer_twins(llm_bf16, llm_twin_bf16, ours_processor, gpu_record):
@@ -51,11 +56,11 @@ def test_batch_invariance_at_least_the_transformer_twins(llm_bf16, llm_twin_bf16
     batch of 32 with 28 random texts of 3 to 600 words. bf16 kernels need not be batch-invariant (vLLM's
     batch-invariant mode is off by default), so the bar is the twin's fraction of unchanged probes on the
     same prompts: ours must keep at least as many."""
-    probes: list[Prompt] = [(chat_prompt(ours_processor, t), None) for t in random_texts((12, 90, 300), seed=51)]
-    probes.append((chat_prompt(ours_processor, "What is in this picture?", n_images=1), [random_image(52)]))
-    lengths = np.random.default_rng(53).integers(3, 601, size=28).tolist()
-    fillers: list[Prompt] = [(chat_prompt(ours_processor, t), None) for t in random_texts(lengths, seed=54)]
-    ours, twin = _batch_invariance(llm_bf16, probes, fillers), _batch_invariance(llm_twin_bf16, probes, fillers)
+    probes, fillers = ([(chat_prompt(ours_processor, t, n_images=len(images)), images or None) for t, images in part]
+                       for part in batch_invariance_questions())
+    (ours, ours_probes), (twin, twin_probes) = (_batch_invariance(llm_bf16, probes, fillers),
+                                                _batch_invariance(llm_twin_bf16, probes, fillers))
     gpu_record["batch_invariance"] = {"probes": len(probes), "batch": 32, "greedy_tokens": PROBE_TOKENS,
-                                      "ours_fraction_identical": ours, "twin_fraction_identical": twin}
+                                      "ours_fraction_identical": ours, "twin_fraction_identical": twin,
+                                      "ours_probes": ours_probes, "twin_probes": twin_probes}
     assert ours >= twin, f"ours kept {ours:.2f} of the probes' tokens in a batch, the twin {twin:.2f}"
