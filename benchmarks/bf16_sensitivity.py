@@ -13,8 +13,8 @@ question, same seeds). For each model, the mean |log-prob - float32 log-prob| ov
 
 And ``greedy_flips``, the yardstick behind the suite's bf16 batch-invariance bar: on its 32 prompts (4 probes
 and 28 fillers), 16 greedy tokens of the bf16 model, then again with every decoder product summed in another
-order (float32 products of the same bf16 operands, rounded once, as a batch-1 matrix-vector pass and a batched
-GEMM differ): how many continuations change, and by how much the changed token had led its runner-up.
+order (float32 products of the same bf16 operands, rounded once: the smallest change a different kernel
+makes): how many continuations change, and by how much the changed token had led its runner-up.
 
 Writes benchmarks/results/bf16_sensitivity.json. About 10 minutes on 2 cores.
 
@@ -80,7 +80,6 @@ class Side:
             else:
                 out.append(hf_prompt_logprobs(model, self.processor, prompt, images)[1])
         return torch.cat(out)
-
 
     def greedy(self, model, text: str, images: list) -> tuple[list[int], list[float]]:
         """GREEDY_TOKENS greedy tokens (EOS ignored) and how far each led its runner-up, in nats."""
@@ -205,8 +204,9 @@ def main() -> None:
               "per sublayer:", " ".join(f"{x['layer']}{x['sublayer'][0]}={x['mean_abs']:.4f}" for x in rows))
         flips = r["greedy_flips"]
         print(f"{name}: summing the products in another order changed {flips['changed']} of {flips['prompts']}",
-              f"greedy continuations ({flips['probes_changed']} of the 4 probes); {flips['repeat_changed']} changed",
-              f"on a plain repeat; {flips['tokens_tied']:.1%} of greedy tokens tied with the runner-up in bf16")
+              f"greedy continuations ({flips['probes_changed']} of the 4 probes); {flips['repeat_changed']} of the",
+              f"probes changed on a plain repeat; {flips['tokens_tied']:.1%} of greedy tokens tied with the runner-up",
+              "in bf16")
     print("ratios ours/twin:", {k: round(v, 2) for k, v in ratios.items()}, "->", args.out)
 
 

@@ -1,0 +1,123 @@
+"""Is one sequence's product the same alone and inside a batch? The GPU suite's bf16 batch-invariance bar
+(tests/gpu/test_bf16.py) compares greedy tokens of probes run alone and in a batch of 32; this looks at the
+products under it, bit for bit, on one GPU.
+
+For the decoder products of the tiny preset the suite serves (ours: the fused SWA QKV, GDN input and output,
+MLP and LM head; the Qwen2.5-VL twin's: QKV, output, MLP and LM head), with random bf16 weights and inputs:
+
+- ``cublas``: row 0 of cuBLAS's product of M rows (M = 2, 8, 32) against cuBLAS's product of row 0 alone,
+  which is what a Transformer served by vLLM computes in a batch and alone;
+- ``ours_batch_one``: our decoder's op around the product (``ours_op``: the norm or SwiGLU before it) on one row
+  against the same row inside the batch: at batch 1 the path ``triton_ops.choose_matvec`` picks at load (the
+  Triton matrix-vector pass with the norm or SwiGLU folded in, or cuBLAS where it is faster), at batch M a norm
+  or SwiGLU launch and cuBLAS.
+
+Each records how many of row 0's outputs differ and the largest difference in bf16 steps (units in the last
+place of the in-batch value). No vLLM import: ``kernels/`` only.
+
+    PYTHONPATH=kernels python benchmarks/batch_variance_products.py [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kernels"))
+
+import triton  # noqa: E402
+from infinitevl_kernels import triton_ops  # noqa: E402
+
+VOCAB = 151936  # the real tokenizer's embedding rows; the tiny preset ties the LM head to them
+# (N, K) of each decoder product of the tiny preset (hidden 128, MLP 256), as vLLM fuses them
+# (N, K) of each decoder product of the tiny preset (hidden 128, MLP 256), as vLLM fuses them, and for ours the
+# op our decoder layer wraps it in
+SHAPES = {
+    "ours": {"swa_qkv": (512, 128, "norm"), "gdn_in": (772, 128, "norm"), "swa_out": (128, 256, "plain"),
+             "gdn_out": (128, 256, "gated_norm"), "mlp_gate_up": (512, 128, "norm"),
+             "mlp_down": (128, 256, "silu"), "lm_head": (VOCAB, 128, "plain")},
+    "twin": {"qkv": (384, 128, None), "attn_out": (128, 128, None), "mlp_gate_up": (512, 128, None),
+             "mlp_down": (128, 256, None), "lm_head": (VOCAB, 128, None)},
+}
+BATCHES = (2, 8, 32)
+
+
+def bf16_steps(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest |a - b| in units of the last place of b (bf16: 8 significant bits)."""
+    ulp = torch.exp2(torch.floor(torch.log2(b.float().abs().clamp_min(2.0**-126))) - 7)
+    return float(((a.float() - b.float()).abs() / ulp).max())
+
+
+def compare(alone: torch.Tensor, in_batch: torch.Tensor) -> dict:
+    return {"outputs": alone.numel(), "differ": int((alone != in_batch).sum()),
+            "max_bf16_steps": bf16_steps(alone, in_batch)}
+
+
+def ours_op(kind: str, w: torch.Tensor, gen: torch.Generator):
+    """Our decoder's op around a product, as the layer calls it (batch 1: one Triton pass with the norm or
+    SwiGLU folded in; batch N: a norm or SwiGLU launch, then cuBLAS), on inputs of up to max(BATCHES) rows."""
+    n, k = w.shape
+    rows = max(BATCHES)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to("cuda", torch.bfloat16)
+
+    if kind == "norm":  # the residual add + RMSNorm before QKV, the GDN input and the MLP
+        x, h, nw = rand(rows, k), rand(rows, k), 1 + 0.1 * rand(k)
+        return lambda m: triton_ops.norm_linear(x[:m], h[:m], nw, 1e-6, w)[0]
+    if kind == "silu":  # SwiGLU before the MLP's down product
+        gate_up = rand(rows, 2 * k)
+        return lambda m: triton_ops.silu_linear(gate_up[:m], w)
+    if kind == "gated_norm":  # the GDN output's gated RMSNorm (heads of 128) before its output product
+        o, gate, nw = rand(rows, k // 128, 128), rand(rows, k), 1 + 0.1 * rand(128)
+        return lambda m: triton_ops.gated_norm_linear(o[:m], gate[:m], nw, 1e-6, w)
+    x = rand(rows, k)
+    return lambda m: triton_ops.linear(x[:m], w)
+
+
+def measure(n: int, k: int, kind: str | None, gen: torch.Generator) -> dict:
+    w = (torch.randn(n, k, generator=gen) * 0.05).to("cuda", torch.bfloat16)
+    x = torch.randn(max(BATCHES), k, generator=gen).to("cuda", torch.bfloat16)
+    cublas_alone = torch.nn.functional.linear(x[:1], w)[0]
+    result: dict = {"shape": [n, k], "by_batch": {}}
+    if kind is not None:
+        result["ours_batch_one_path"] = str(triton_ops.choose_matvec(w)["uses"])
+        result["ours_op"] = kind
+        op = ours_op(kind, w, gen)
+        ours_alone = op(1)[0]
+    for m in BATCHES:
+        result["by_batch"][m] = {"cublas": compare(cublas_alone, torch.nn.functional.linear(x[:m], w)[0])}
+        if kind is not None:
+            result["by_batch"][m]["ours_batch_one"] = compare(ours_alone, op(m)[0])
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = parser.parse_args()
+    gen = torch.Generator().manual_seed(0)
+    results = {model: {name: measure(n, k, kind, gen) for name, (n, k, kind) in shapes.items()}
+               for model, shapes in SHAPES.items()}
+    record = {"results": results,
+              "env": {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                      "cuda": torch.version.cuda, "python": platform.python_version()}}
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "batch_variance_products.json")
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2)
+    for model, products in results.items():
+        for name, r in products.items():
+            differ = {m: {path: c["differ"] for path, c in v.items()} for m, v in r["by_batch"].items()}
+            print(f"{model} {name} {r['shape']} (batch-1 path {r.get('ours_batch_one_path', 'cublas')}):",
+                  "outputs of the row alone that differ from it in a batch:", differ)
+    print("->", path)
+
+
+if __name__ == "__main__":
+    main()
