@@ -196,4 +196,3 @@ def batch_invariance_questions() -> tuple[list[tuple[str, list]], list[tuple[str
     probes.append(("What is in this picture?", [random_image(52)]))
     lengths = np.random.default_rng(53).integers(3, 601, size=28).tolist()
     return probes, [(t, []) for t in random_texts(lengths, seed=54)]
-
