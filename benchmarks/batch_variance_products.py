@@ -12,15 +12,23 @@ MLP and LM head; the Qwen2.5-VL twin's: QKV, output, MLP and LM head), with rand
   Triton matrix-vector pass with the norm or SwiGLU folded in, or cuBLAS where it is faster), at batch M a norm
   or SwiGLU launch and cuBLAS.
 
-Each records how many of row 0's outputs differ and the largest difference in bf16 steps (units in the last
-place of the in-batch value). No vLLM import: ``kernels/`` only.
+And the prefill, where the GPU suite's batch puts a probe among 10,428 prompt tokens while alone it has 31:
 
-    PYTHONPATH=kernels python benchmarks/batch_variance_products.py [--out benchmarks/results]
+- ``prefill_cublas``: the first 31 rows of cuBLAS's product of 10,428 rows against its product of those 31;
+- ``gdn_prefill``: our GDN prefill (``gdn_prefill_varlen``: fla's chunked kernel where fla is installed, called
+  without ``cu_seqlens`` for one sequence and with them for a packed batch) of a 31-token sequence alone against
+  the same sequence packed first among others, outputs and final state.
+
+Each records how many outputs differ and the largest difference in bf16 steps (units in the last place of the
+batched value). No vLLM import: ``kernels/`` only.
+
+    PYTHONPATH=kernels python benchmarks/batch_variance_products.py [--out benchmarks/results] [--prefill-tokens N]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -32,6 +40,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import triton  # noqa: E402
 from infinitevl_kernels import triton_ops  # noqa: E402
+from infinitevl_kernels.gdn.batch import GDNLayer, GDNShape  # noqa: E402
+from infinitevl_kernels.gdn.triton_batch import _fla_chunk, gdn_prefill_varlen  # noqa: E402
 
 VOCAB = 151936  # the real tokenizer's embedding rows; the tiny preset ties the LM head to them
 # (N, K) of each decoder product of the tiny preset (hidden 128, MLP 256), as vLLM fuses them
@@ -45,6 +55,8 @@ SHAPES = {
              "mlp_down": (128, 256, None), "lm_head": (VOCAB, 128, None)},
 }
 BATCHES = (2, 8, 32)
+PROBE_TOKENS = 31  # the suite's shortest probe prompt; its batch prefills 10,428 tokens in one step
+GDN_SHAPE = GDNShape(num_heads=2, head_k_dim=64, head_v_dim=128)  # the tiny preset's linear-attention heads
 
 
 def bf16_steps(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -97,13 +109,56 @@ def measure(n: int, k: int, kind: str | None, gen: torch.Generator) -> dict:
     return result
 
 
+def prefill_cublas(n: int, k: int, tokens: int, gen: torch.Generator) -> dict:
+    w = (torch.randn(n, k, generator=gen) * 0.05).to("cuda", torch.bfloat16)
+    x = torch.randn(tokens, k, generator=gen).to("cuda", torch.bfloat16)
+    return compare(torch.nn.functional.linear(x[:PROBE_TOKENS], w),
+                   torch.nn.functional.linear(x, w)[:PROBE_TOKENS])
+
+
+def gdn_prefill(tokens: int, gen: torch.Generator) -> dict:
+    """One 31-token sequence alone, then first in a packed batch of `tokens` (the rest in sequences of about
+    300), each from a zero state in its own slot."""
+    sh = GDN_SHAPE
+    channels = 2 * sh.key_dim + sh.value_dim
+    lens = [PROBE_TOKENS] + [300] * ((tokens - PROBE_TOKENS) // 300)
+    cu = torch.tensor([0, *itertools.accumulate(lens)], device="cuda")
+    t = int(cu[-1])
+
+    def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen) * scale).to("cuda")
+
+    params = dict(conv_weight=rand(channels, 4, scale=0.5).to(torch.bfloat16), A_log=rand(sh.num_heads).abs(),
+                  dt_bias=rand(sh.num_heads))
+    x = rand(t, channels).to(torch.bfloat16)
+    a, b = rand(t, sh.num_heads).to(torch.bfloat16), rand(t, sh.num_heads).to(torch.bfloat16)
+
+    def run(seqs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        layer = GDNLayer(conv_state=torch.zeros(seqs, channels, 3, device="cuda", dtype=torch.bfloat16),
+                         ssm_state=torch.zeros(seqs, sh.num_heads, sh.head_v_dim, sh.head_k_dim, device="cuda"),
+                         shape=sh, **params)
+        rows = int(cu[seqs])
+        o = gdn_prefill_varlen(x[:rows], a[:rows], b[:rows], layer, slots=torch.arange(seqs, device="cuda"),
+                               has_initial_state=torch.zeros(seqs, dtype=torch.bool, device="cuda"),
+                               cu_seqlens=cu[:seqs + 1], max_len=max(lens[:seqs]))
+        return o[:PROBE_TOKENS], layer.ssm_state[0]
+
+    (o1, s1), (on, sn) = run(1), run(len(lens))
+    return {"path": "fla" if _fla_chunk() is not None else "torch", "batch_tokens": t,
+            "output": compare(o1, on), "final_state": compare(s1, sn)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--prefill-tokens", type=int, default=10428)
     args = parser.parse_args()
     gen = torch.Generator().manual_seed(0)
     results = {model: {name: measure(n, k, kind, gen) for name, (n, k, kind) in shapes.items()}
                for model, shapes in SHAPES.items()}
+    results["prefill_cublas"] = {name: prefill_cublas(n, k, args.prefill_tokens, gen)
+                                 for name, (n, k, _) in SHAPES["ours"].items() if name != "lm_head"}
+    results["gdn_prefill"] = gdn_prefill(args.prefill_tokens, gen)
     record = {"results": results,
               "env": {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                       "cuda": torch.version.cuda, "python": platform.python_version()}}
@@ -111,11 +166,14 @@ def main() -> None:
     path = os.path.join(args.out, "batch_variance_products.json")
     with open(path, "w") as f:
         json.dump(record, f, indent=2)
-    for model, products in results.items():
-        for name, r in products.items():
+    for model in SHAPES:
+        for name, r in results[model].items():
             differ = {m: {path: c["differ"] for path, c in v.items()} for m, v in r["by_batch"].items()}
             print(f"{model} {name} {r['shape']} (batch-1 path {r.get('ours_batch_one_path', 'cublas')}):",
                   "outputs of the row alone that differ from it in a batch:", differ)
+    print("prefill, outputs of the 31 rows alone that differ from them in the batch:",
+          {name: c["differ"] for name, c in results["prefill_cublas"].items()})
+    print("GDN prefill", results["gdn_prefill"])
     print("->", path)
 
 
