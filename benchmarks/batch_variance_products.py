@@ -44,7 +44,6 @@ from infinitevl_kernels.gdn.batch import GDNLayer, GDNShape  # noqa: E402
 from infinitevl_kernels.gdn.triton_batch import _fla_chunk, gdn_prefill_varlen  # noqa: E402
 
 VOCAB = 151936  # the real tokenizer's embedding rows; the tiny preset ties the LM head to them
-# (N, K) of each decoder product of the tiny preset (hidden 128, MLP 256), as vLLM fuses them
 # (N, K) of each decoder product of the tiny preset (hidden 128, MLP 256), as vLLM fuses them, and for ours the
 # op our decoder layer wraps it in
 SHAPES = {
