@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import itertools
 import json
 import os
 import platform
@@ -66,7 +67,7 @@ def main() -> None:
     engine = llm.llm_engine
     runner = engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
     rows = []
-    for c, steady in [(c, steady) for c in contexts for steady in (True, False)]:
+    for c, steady in itertools.product(contexts, (True, False)):
         # the same engine with and without steady decode, one after the other at each context: a record of
         # None makes the runner take vLLM's whole preparation every step (model/steady_decode.py)
         runner.__dict__.pop("_infinitevl_steady_decode", None)
