@@ -5,12 +5,15 @@ products under it, bit for bit, on one GPU.
 For the decoder products of the tiny preset the suite serves (ours: the fused SWA QKV, GDN input and output,
 MLP and LM head; the Qwen2.5-VL twin's: QKV, output, MLP and LM head), with random bf16 weights and inputs:
 
-- ``cublas``: row 0 of cuBLAS's product of M rows (M = 2, 8, 32) against cuBLAS's product of row 0 alone,
-  which is what a Transformer served by vLLM computes in a batch and alone;
-- ``ours_batch_one``: our decoder's op around the product (``ours_op``: the norm or SwiGLU before it) on one row
-  against the same row inside the batch: at batch 1 the path ``triton_ops.choose_matvec`` picks at load (the
-  Triton matrix-vector pass with the norm or SwiGLU folded in, or cuBLAS where it is faster), at batch M a norm
-  or SwiGLU launch and cuBLAS.
+- ``cublas``: each of 1,024 random rows (``--rows``) through cuBLAS alone against the same row inside
+  cuBLAS's product of M consecutive rows (M = 2, 8, 32), which is what a Transformer served by vLLM computes
+  alone and in a batch;
+- ``ours_batch_one``: our decoder's op around the product (``ours_op``: the norm or SwiGLU before it), each
+  row alone against the same row inside the batches: at batch 1 the path ``triton_ops.choose_matvec`` picks at
+  load (the Triton matrix-vector pass with the norm or SwiGLU folded in, or cuBLAS where it is faster), at
+  batch M a norm or SwiGLU launch and cuBLAS.
+
+The same at the sizes users serve (InfiniteVL-4B, the Qwen2.5-VL-3B twin), on a quarter of the rows.
 
 And the prefill, where the GPU suite's batch puts a probe among 10,428 prompt tokens while alone it has 31:
 
@@ -53,6 +56,15 @@ SHAPES = {
     "twin": {"qkv": (384, 128, None), "attn_out": (128, 128, None), "mlp_gate_up": (512, 128, None),
              "mlp_down": (128, 256, None), "lm_head": (VOCAB, 128, None)},
 }
+# The same products at the sizes users serve: InfiniteVL-4B and its Qwen2.5-VL-3B twin (hidden 2048, MLP 11008,
+# 16 query and 2 KV heads of 128, 16 linear-attention heads of 128)
+SHAPES_SERVED = {
+    "ours_4b": {"swa_qkv": (2560, 2048, "norm"), "gdn_in": (8224, 2048, "norm"), "swa_out": (2048, 2048, "plain"),
+                "gdn_out": (2048, 2048, "gated_norm"), "mlp_gate_up": (22016, 2048, "norm"),
+                "mlp_down": (2048, 11008, "silu"), "lm_head": (VOCAB, 2048, "plain")},
+    "twin_3b": {"qkv": (2560, 2048, None), "attn_out": (2048, 2048, None), "mlp_gate_up": (22016, 2048, None),
+                "mlp_down": (2048, 11008, None), "lm_head": (VOCAB, 2048, None)},
+}
 BATCHES = (2, 8, 32)
 PROBE_TOKENS = 31  # the suite's shortest probe prompt; its batch prefills 10,428 tokens in one step
 GDN_SHAPE = GDNShape(num_heads=2, head_k_dim=64, head_v_dim=128)  # the tiny preset's linear-attention heads
@@ -69,42 +81,43 @@ def compare(alone: torch.Tensor, in_batch: torch.Tensor) -> dict:
             "max_bf16_steps": bf16_steps(alone, in_batch)}
 
 
-def ours_op(kind: str, w: torch.Tensor, gen: torch.Generator):
+def ours_op(kind: str, w: torch.Tensor, rows: int, gen: torch.Generator):
     """Our decoder's op around a product, as the layer calls it (batch 1: one Triton pass with the norm or
-    SwiGLU folded in; batch N: a norm or SwiGLU launch, then cuBLAS), on inputs of up to max(BATCHES) rows."""
+    SwiGLU folded in; batch N: a norm or SwiGLU launch, then cuBLAS), on rows [lo, hi) of `rows` random inputs."""
     n, k = w.shape
-    rows = max(BATCHES)
 
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen).to("cuda", torch.bfloat16)
 
     if kind == "norm":  # the residual add + RMSNorm before QKV, the GDN input and the MLP
         x, h, nw = rand(rows, k), rand(rows, k), 1 + 0.1 * rand(k)
-        return lambda m: triton_ops.norm_linear(x[:m], h[:m], nw, 1e-6, w)[0]
+        return lambda lo, hi: triton_ops.norm_linear(x[lo:hi], h[lo:hi], nw, 1e-6, w)[0]
     if kind == "silu":  # SwiGLU before the MLP's down product
         gate_up = rand(rows, 2 * k)
-        return lambda m: triton_ops.silu_linear(gate_up[:m], w)
+        return lambda lo, hi: triton_ops.silu_linear(gate_up[lo:hi], w)
     if kind == "gated_norm":  # the GDN output's gated RMSNorm (heads of 128) before its output product
         o, gate, nw = rand(rows, k // 128, 128), rand(rows, k), 1 + 0.1 * rand(128)
-        return lambda m: triton_ops.gated_norm_linear(o[:m], gate[:m], nw, 1e-6, w)
+        return lambda lo, hi: triton_ops.gated_norm_linear(o[lo:hi], gate[lo:hi], nw, 1e-6, w)
     x = rand(rows, k)
-    return lambda m: triton_ops.linear(x[:m], w)
+    return lambda lo, hi: triton_ops.linear(x[lo:hi], w)
 
 
-def measure(n: int, k: int, kind: str | None, gen: torch.Generator) -> dict:
+def alone_and_batched(op, rows: int) -> dict:
+    """Every row computed alone against the same row inside consecutive batches of each size."""
+    alone = torch.cat([op(i, i + 1) for i in range(rows)])
+    return {m: compare(alone, torch.cat([op(i, i + m) for i in range(0, rows, m)])) for m in BATCHES}
+
+
+def measure(n: int, k: int, kind: str | None, rows: int, gen: torch.Generator) -> dict:
     w = (torch.randn(n, k, generator=gen) * 0.05).to("cuda", torch.bfloat16)
-    x = torch.randn(max(BATCHES), k, generator=gen).to("cuda", torch.bfloat16)
-    cublas_alone = torch.nn.functional.linear(x[:1], w)[0]
-    result: dict = {"shape": [n, k], "by_batch": {}}
+    x = torch.randn(rows, k, generator=gen).to("cuda", torch.bfloat16)
+    cublas = alone_and_batched(lambda lo, hi: torch.nn.functional.linear(x[lo:hi], w), rows)
+    result: dict = {"shape": [n, k], "rows": rows, "by_batch": {m: {"cublas": c} for m, c in cublas.items()}}
     if kind is not None:
         result["ours_batch_one_path"] = str(triton_ops.choose_matvec(w)["uses"])
         result["ours_op"] = kind
-        op = ours_op(kind, w, gen)
-        ours_alone = op(1)[0]
-    for m in BATCHES:
-        result["by_batch"][m] = {"cublas": compare(cublas_alone, torch.nn.functional.linear(x[:m], w)[0])}
-        if kind is not None:
-            result["by_batch"][m]["ours_batch_one"] = compare(ours_alone, op(m)[0])
+        for m, c in alone_and_batched(ours_op(kind, w, rows, gen), rows).items():
+            result["by_batch"][m]["ours_batch_one"] = c
     return result
 
 
@@ -151,10 +164,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--prefill-tokens", type=int, default=10428)
+    parser.add_argument("--rows", type=int, default=1024, help="decode rows compared alone and in each batch")
     args = parser.parse_args()
     gen = torch.Generator().manual_seed(0)
-    results = {model: {name: measure(n, k, kind, gen) for name, (n, k, kind) in shapes.items()}
+    results = {model: {name: measure(n, k, kind, args.rows, gen) for name, (n, k, kind) in shapes.items()}
                for model, shapes in SHAPES.items()}
+    results.update({model: {name: measure(n, k, kind, args.rows // 4, gen) for name, (n, k, kind) in shapes.items()}
+                    for model, shapes in SHAPES_SERVED.items()})
     results["prefill_cublas"] = {name: prefill_cublas(n, k, args.prefill_tokens, gen)
                                  for name, (n, k, _) in SHAPES["ours"].items() if name != "lm_head"}
     results["gdn_prefill"] = gdn_prefill(args.prefill_tokens, gen)
@@ -165,11 +181,11 @@ def main() -> None:
     path = os.path.join(args.out, "batch_variance_products.json")
     with open(path, "w") as f:
         json.dump(record, f, indent=2)
-    for model in SHAPES:
+    for model in [*SHAPES, *SHAPES_SERVED]:
         for name, r in results[model].items():
             differ = {m: {path: c["differ"] for path, c in v.items()} for m, v in r["by_batch"].items()}
             print(f"{model} {name} {r['shape']} (batch-1 path {r.get('ours_batch_one_path', 'cublas')}):",
-                  "outputs of the row alone that differ from it in a batch:", differ)
+                  f"of {r['rows']} rows x {r['shape'][0]} outputs, those that differ alone and in a batch:", differ)
     print("prefill, outputs of the 31 rows alone that differ from them in the batch:",
           {name: c["differ"] for name, c in results["prefill_cublas"].items()})
     print("GDN prefill", results["gdn_prefill"])

@@ -14,7 +14,7 @@ import pytest
 
 from infinitevl_vllm.tools.workloads import batch_invariance_questions, chat_prompt
 
-from .helpers import PARITY_MAX_RATIO, Parity, Prompt, greedy_margins, greedy_tokens
+from .helpers import PARITY_MAX_RATIO, Parity, Prompt, greedy_margins, greedy_tokens, vllm_prompt_logprobs
 
 pytestmark = pytest.mark.gpu
 
@@ -36,18 +36,23 @@ def test_bf16_logprobs_as_close_to_float32_as_the_transformer_twins(parity: Pari
 
 def _batch_invariance(llm, probes: list[Prompt], fillers: list[Prompt]) -> tuple[float, list[dict]]:
     """Fraction of the probes whose greedy tokens inside a batch of 32 equal their tokens run alone, and for each
-    probe where the two first differ and how far the alone run's token led its runner-up there."""
+    probe where the two first differ, how far the alone run's token led its runner-up there, and how far the
+    batch moved the probe's prompt log-probs (the prefill alone: 0 when batching leaves it bit-identical)."""
     batch = list(fillers)
     for pos, probe in zip(PROBE_POSITIONS, probes):
         batch.insert(pos, probe)
     assert len(batch) == 32
     together = greedy_tokens(llm, batch, PROBE_TOKENS)
+    prompt_lps_together = vllm_prompt_logprobs(llm, batch)
     details = []
     for pos, probe in zip(PROBE_POSITIONS, probes):
         alone, leads = greedy_margins(llm, probe, PROBE_TOKENS)
         first = next((i for i, (a, b) in enumerate(zip(alone, together[pos])) if a != b), None)
+        (_, lps_alone), = vllm_prompt_logprobs(llm, [probe])
+        drift = (lps_alone - prompt_lps_together[pos][1]).abs()
         details.append({"first_difference": first, "alone_lead_nats": None if first is None else leads[first],
-                        "alone_min_lead_nats": min(leads)})
+                        "alone_min_lead_nats": min(leads), "prompt_logprob_drift_max": float(drift.max()),
+                        "prompt_logprob_drift_mean": float(drift.mean())})
     return sum(d["first_difference"] is None for d in details) / len(probes), details
 
 
