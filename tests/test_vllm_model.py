@@ -27,6 +27,7 @@ from vllm_helpers import (
 )
 
 from infinitevl_vllm.checkpoint import load_reference
+from infinitevl_vllm.tools.batch_invariance import probe_prompts, probes_alone_and_in_a_batch
 from infinitevl_vllm.tools.workloads import chat_prompt, random_image, random_texts
 
 LOGPROB_ATOL = 2e-3
@@ -175,12 +176,22 @@ def llm_bf16(small_window_ckpt):
     """Also the engine with vLLM's defaults for prefix caching and the CPU cache budget."""
     saved = os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
     try:
-        engine = make_llm(small_window_ckpt, dtype="bfloat16", max_num_seqs=2, enable_prefix_caching=None)
+        engine = make_llm(small_window_ckpt, dtype="bfloat16", max_num_seqs=32, enable_prefix_caching=None)
     finally:
         if saved is not None:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = saved
     yield engine
     engine.llm_engine.engine_core.shutdown()
+
+
+def test_bfloat16_probes_keep_their_tokens_alone_and_in_a_batch_of_32(llm_bf16, processor):
+    """The GPU suite's batch-invariance probes (tests/gpu/test_bf16.py) on the CPU engine, whose products and
+    per-sequence attention and GDN sum each sequence the same way at any batch size: every probe's prefill is
+    the same bit for bit alone and in the batch, and so are its 16 greedy tokens (ties included)."""
+    probes, fillers = probe_prompts(processor)
+    result = probes_alone_and_in_a_batch(llm_bf16, probes, fillers)
+    assert [p["prompt_logprob_drift_max"] for p in result["per_probe"]] == [0.0] * 4
+    assert result["fraction_identical"] == 1.0, result["per_probe"]
 
 
 def test_prefix_caching_is_refused_and_budget_defaults(llm_bf16):

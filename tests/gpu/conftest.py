@@ -35,10 +35,11 @@ from typing import Any
 import pytest
 import torch
 
+from infinitevl_vllm.tools.batch_invariance import prompt_logprobs
 from infinitevl_vllm.tools.bench import source_revision
 from infinitevl_vllm.tools.workloads import hf_prompt_logprobs
 
-from .helpers import F32_CHUNK, Parity, parity_prompts, vllm_prompt_logprobs
+from .helpers import F32_CHUNK, Parity, parity_prompts
 
 REPO = Path(__file__).resolve().parents[2]
 GPU_TESTS = Path(__file__).resolve().parent
@@ -361,7 +362,7 @@ def parity(llm_bf16, llm_twin_bf16, ours_ref, ours_processor, twin_f32, twin_pro
 
     prompts = parity_prompts(ours_processor)
     assert parity_prompts(twin_processor) == prompts, "the twin's chat template formats the prompts otherwise"
-    ours, twin = vllm_prompt_logprobs(llm_bf16, prompts), vllm_prompt_logprobs(llm_twin_bf16, prompts)
+    ours, twin = prompt_logprobs(llm_bf16, prompts), prompt_logprobs(llm_twin_bf16, prompts)
     ours_f32, twin_f32_lps = [], []
     for (prompt, images), (ours_ids, _), (twin_ids, _) in zip(prompts, ours, twin):
         mm = reference_inputs(ours_processor, prompt, images)

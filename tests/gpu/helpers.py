@@ -10,11 +10,9 @@ from typing import Any
 
 import torch
 from PIL import Image
-from vllm_helpers import prompt_logprobs_of, vllm_prompt
 
+from infinitevl_vllm.tools.batch_invariance import Prompt
 from infinitevl_vllm.tools.workloads import chat_prompt, parity_questions, pil_data_url
-
-Prompt = tuple[str, list[Image.Image] | None]  # a chat-formatted prompt string and its images
 
 F32_CHUNK = 128  # the float32 engine's max_num_batched_tokens: longer prompts are prefilled in chunks
 
@@ -30,8 +28,8 @@ def parity_prompts(processor) -> list[Prompt]:
 
 def server_prompt_logprobs(base_url: str, model: str, questions: list[tuple[str, list[Image.Image]]],
                            api_key: str) -> list[tuple[list[int], torch.Tensor]]:
-    """`vllm_prompt_logprobs` through a server's /v1/chat/completions (`prompt_logprobs: 0`, images as PNG data
-    URLs), one request per question; the server applies the checkpoint's chat template itself."""
+    """`batch_invariance.prompt_logprobs` through a server's /v1/chat/completions (`prompt_logprobs: 0`, images as
+    PNG data URLs), one request per question; the server applies the checkpoint's chat template itself."""
     import json
     import urllib.request
 
@@ -50,15 +48,6 @@ def server_prompt_logprobs(base_url: str, model: str, questions: list[tuple[str,
         ids = [int(next(iter(p))) for p in positions]
         out.append((ids, torch.tensor([next(iter(p.values()))["logprob"] for p in positions], dtype=torch.float64)))
     return out
-
-
-def vllm_prompt_logprobs(llm, prompts: list[Prompt]) -> list[tuple[list[int], torch.Tensor]]:
-    """(prompt token ids, log p(token_t | <t) for t >= 1) of each prompt, all in one batch."""
-    from vllm import SamplingParams
-
-    outs = llm.generate([vllm_prompt(p, images) for p, images in prompts],
-                        SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0), use_tqdm=False)
-    return [(list(o.prompt_token_ids), torch.tensor(prompt_logprobs_of(o), dtype=torch.float64)) for o in outs]
 
 
 def mean_abs(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -100,27 +89,3 @@ class Parity:
             "ours_max_abs": float((torch.cat(self.ours_bf16) - torch.cat(self.ours_f32)).abs().max()),
             "twin_max_abs": float((torch.cat(self.twin_bf16) - torch.cat(self.twin_f32)).abs().max()),
         }
-
-
-def greedy_tokens(llm, prompts: list[Prompt], max_tokens: int) -> list[list[int]]:
-    """Greedy continuations (exactly max_tokens each: EOS ignored), all prompts in one batch."""
-    from vllm import SamplingParams
-
-    outs = llm.generate([vllm_prompt(p, images) for p, images in prompts],
-                        SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True), use_tqdm=False)
-    return [list(o.outputs[0].token_ids) for o in outs]
-
-
-def greedy_margins(llm, prompt: Prompt, max_tokens: int) -> tuple[list[int], list[float]]:
-    """One prompt's greedy continuation and, at each token, how far (nats) it led the runner-up: a batch that
-    changes a token where that lead is within bf16's noise says nothing about the batching code."""
-    from vllm import SamplingParams
-
-    (out,) = llm.generate([vllm_prompt(*prompt)], SamplingParams(temperature=0.0, max_tokens=max_tokens,
-                                                                 ignore_eos=True, logprobs=2), use_tqdm=False)
-    tokens = list(out.outputs[0].token_ids)
-    leads = []
-    for token, top in zip(tokens, out.outputs[0].logprobs):
-        others = [lp.logprob for t, lp in top.items() if t != token]
-        leads.append(float(top[token].logprob - max(others)) if others else float("inf"))
-    return tokens, leads

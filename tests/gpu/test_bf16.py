@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import pytest
 
-from infinitevl_vllm.tools.workloads import batch_invariance_questions, chat_prompt
+from infinitevl_vllm.tools.batch_invariance import probe_prompts, probes_alone_and_in_a_batch
 
-from .helpers import PARITY_MAX_RATIO, Parity, Prompt, greedy_margins, greedy_tokens, vllm_prompt_logprobs
+from .helpers import PARITY_MAX_RATIO, Parity
 
 pytestmark = pytest.mark.gpu
-
-PROBE_TOKENS = 16
-PROBE_POSITIONS = (0, 9, 20, 31)  # where the 4 probes sit in the batch of 32
 
 
 def test_bf16_logprobs_as_close_to_float32_as_the_transformer_twins(parity: Parity):
@@ -34,38 +31,18 @@ def test_bf16_logprobs_as_close_to_float32_as_the_transformer_twins(parity: Pari
         f"ours {parity.ours_mean_abs:.4f} vs twin {parity.twin_mean_abs:.4f} (ratio {parity.ratio:.2f})")
 
 
-def _batch_invariance(llm, probes: list[Prompt], fillers: list[Prompt]) -> tuple[float, list[dict]]:
-    """Fraction of the probes whose greedy tokens inside a batch of 32 equal their tokens run alone, and for each
-    probe where the two first differ, how far the alone run's token led its runner-up there, and how far the
-    batch moved the probe's prompt log-probs (the prefill alone: 0 when batching leaves it bit-identical)."""
-    batch = list(fillers)
-    for pos, probe in zip(PROBE_POSITIONS, probes):
-        batch.insert(pos, probe)
-    assert len(batch) == 32
-    together = greedy_tokens(llm, batch, PROBE_TOKENS)
-    prompt_lps_together = vllm_prompt_logprobs(llm, batch)
-    details = []
-    for pos, probe in zip(PROBE_POSITIONS, probes):
-        alone, leads = greedy_margins(llm, probe, PROBE_TOKENS)
-        first = next((i for i, (a, b) in enumerate(zip(alone, together[pos])) if a != b), None)
-        (_, lps_alone), = vllm_prompt_logprobs(llm, [probe])
-        drift = (lps_alone - prompt_lps_together[pos][1]).abs()
-        details.append({"first_difference": first, "alone_lead_nats": None if first is None else leads[first],
-                        "alone_min_lead_nats": min(leads), "prompt_logprob_drift_max": float(drift.max()),
-                        "prompt_logprob_drift_mean": float(drift.mean())})
-    return sum(d["first_difference"] is None for d in details) / len(probes), details
-
-
 def test_batch_invariance_at_least_the_transformer_twins(llm_bf16, llm_twin_bf16, ours_processor, gpu_record):
     """4 probes (3 texts of 12 to 300 words, an image question), 16 greedy tokens each, alone and inside a
     batch of 32 with 28 random texts of 3 to 600 words. bf16 kernels need not be batch-invariant (vLLM's
     batch-invariant mode is off by default), so the bar is the twin's fraction of unchanged probes on the
     same prompts: ours must keep at least as many."""
-    probes, fillers = ([(chat_prompt(ours_processor, t, n_images=len(images)), images or None) for t, images in part]
-                       for part in batch_invariance_questions())
-    (ours, ours_probes), (twin, twin_probes) = (_batch_invariance(llm_bf16, probes, fillers),
-                                                _batch_invariance(llm_twin_bf16, probes, fillers))
-    gpu_record["batch_invariance"] = {"probes": len(probes), "batch": 32, "greedy_tokens": PROBE_TOKENS,
-                                      "ours_fraction_identical": ours, "twin_fraction_identical": twin,
-                                      "ours_probes": ours_probes, "twin_probes": twin_probes}
-    assert ours >= twin, f"ours kept {ours:.2f} of the probes' tokens in a batch, the twin {twin:.2f}"
+    probes, fillers = probe_prompts(ours_processor)
+    ours, twin = (probes_alone_and_in_a_batch(llm, probes, fillers) for llm in (llm_bf16, llm_twin_bf16))
+    gpu_record["batch_invariance"] = {"probes": ours["probes"], "batch": ours["batch"],
+                                      "greedy_tokens": ours["greedy_tokens"],
+                                      "ours_fraction_identical": ours["fraction_identical"],
+                                      "twin_fraction_identical": twin["fraction_identical"],
+                                      "ours_probes": ours["per_probe"], "twin_probes": twin["per_probe"]}
+    assert ours["fraction_identical"] >= twin["fraction_identical"], (
+        f"ours kept {ours['fraction_identical']:.2f} of the probes' tokens in a batch, the twin "
+        f"{twin['fraction_identical']:.2f}")
