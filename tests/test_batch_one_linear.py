@@ -131,19 +131,3 @@ def test_norm_mlp_is_vllms_fused_add_norm_then_the_swiglu_mlp(rows: int, dtype: 
     want = (torch.nn.functional.silu(gate) * up) @ down_w.float().t()
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(out.float(), want, rtol=tol, atol=tol)
-
-
-@pytest.mark.parametrize(("cuda", "batch_invariant", "quantized", "serves"), [
-    (True, False, False, True), (True, True, False, False), (True, False, True, False), (False, False, False, False)])
-def test_batch_one_products_serve_only_on_cuda_unquantized_and_outside_vllms_batch_invariant_mode(
-        monkeypatch, cuda: bool, batch_invariant: bool, quantized: bool, serves: bool):
-    """VLLM_BATCH_INVARIANT=1 asks for the same bits alone and in a batch; the Triton pass at batch 1 and cuBLAS
-    in a batch round differently, so that mode multiplies through vLLM's own products at every batch size."""
-    from types import SimpleNamespace
-
-    from infinitevl_vllm.model import batch_one_linear
-
-    monkeypatch.setattr(batch_one_linear.current_platform, "is_cuda", lambda: cuda)
-    monkeypatch.setenv("VLLM_BATCH_INVARIANT", "1" if batch_invariant else "0")
-    config = SimpleNamespace(quant_config=object() if quantized else None)
-    assert batch_one_linear.serves_batch_one_products(config) is serves

@@ -83,26 +83,3 @@ def test_ring_smaller_than_window_is_refused():
     x = torch.zeros(1, HKV, D)
     with pytest.raises(ValueError, match="cannot hold a window"):
         ring_decode_attention(torch.zeros(1, HQ, D), x, x, ring, 0, WINDOW, SCALE)
-
-
-@pytest.mark.parametrize("batch_invariant", [False, True])
-def test_batch_invariant_steps_split_every_sequence_as_batch_one_does(monkeypatch, batch_invariant: bool):
-    """How many pieces a window's attention is cut into follows the batch's size (more pieces keep a small
-    batch's GPU busy), and the pieces' sums merge in another order. In vLLM's batch-invariant mode a step splits
-    a decode as batch 1 would and a prefill not at all, whatever else the step holds."""
-    from infinitevl_kernels.swa import triton_ring
-
-    seen = {}
-    monkeypatch.setattr(triton_ring, "swa_paged_decode", lambda *a, nsplit=None, **k: seen.update(decode=nsplit))
-    monkeypatch.setattr(triton_ring, "swa_paged_prefill", lambda *a, nsplit=None, **k: seen.update(prefill=nsplit))
-    window, kv_heads, decodes = 8192, 2, 600
-    assert triton_ring.decode_splits(decodes, kv_heads, window) != triton_ring.decode_splits(1, kv_heads, window)
-    rows = decodes + 4
-    q, kv = torch.zeros(rows, 4, D), torch.zeros(rows, kv_heads, D)
-    triton_ring.swa_paged_forward(q, kv, kv, torch.zeros(1, kv_heads, BLOCK, 2 * D), torch.zeros(rows, 1),
-                                  torch.zeros(decodes + 1), decodes, torch.tensor([0, 4]), 4, window, SCALE,
-                                  torch.empty_like(q), batch_invariant=batch_invariant)
-    if batch_invariant:
-        assert seen == {"decode": triton_ring.decode_splits(1, kv_heads, window), "prefill": 1}
-    else:
-        assert seen == {"decode": None, "prefill": None}  # each kernel picks by the batch it is given

@@ -17,24 +17,13 @@ import logging
 from collections.abc import Iterable
 
 import torch
-import vllm.envs as envs
 from infinitevl_kernels import triton_ops
 from torch import nn
-from vllm.config import VllmConfig
 from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
-from vllm.platforms import current_platform
 from vllm.utils.torch_utils import direct_register_custom_op
 
 logger = logging.getLogger("vllm.infinitevl_vllm")
-
-
-def serves_batch_one_products(vllm_config: VllmConfig) -> bool:
-    """Whether the batch-1 products (and the norms folded into them) serve this model: on CUDA, unquantized,
-    and not in vLLM's batch-invariant mode (VLLM_BATCH_INVARIANT=1). A row's product sums in one order in the
-    Triton pass and in another in cuBLAS, so with them a sequence alone and the same sequence in a batch differ
-    in the last bit of 0.01% to 0.25% of outputs (benchmarks/batch_variance_products.py)."""
-    return current_platform.is_cuda() and vllm_config.quant_config is None and not envs.VLLM_BATCH_INVARIANT
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

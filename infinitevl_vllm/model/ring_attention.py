@@ -15,7 +15,6 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-import vllm.envs as envs
 from infinitevl_kernels.swa.ring import PagedRing, ring_decode_attention, ring_prefill_attention
 from infinitevl_kernels.swa.triton_ring import swa_paged_forward, warm_up_ring
 from vllm.config import CacheConfig, VllmConfig
@@ -127,7 +126,6 @@ class RingAttentionImpl(AttentionImpl[RingAttentionMetadata]):
         self.num_kv_heads = num_kv_heads or num_heads
         self.kv_cache_dtype = kv_cache_dtype
         self.window = window
-        self.batch_invariant = envs.VLLM_BATCH_INVARIANT
 
     kernels_compiled = False  # once a process: every SWA layer launches the same kernels
 
@@ -154,7 +152,7 @@ class RingAttentionImpl(AttentionImpl[RingAttentionMetadata]):
                               value.view(-1, self.num_kv_heads, self.head_size), kv_cache,
                               md.ring_block_ids, md.starts, md.num_decodes, md.prefill_query_start_loc,
                               md.max_prefill_len, self.window, self.scale,
-                              output.view(-1, self.num_heads, self.head_size), self.batch_invariant)
+                              output.view(-1, self.num_heads, self.head_size))
             return output
         qsl = md.query_start_loc_cpu
         for i, start in enumerate(md.starts_cpu):
@@ -182,11 +180,6 @@ class RingAttentionBackend(AttentionBackend):
     @staticmethod
     def get_builder_cls() -> type[RingAttentionMetadataBuilder]:
         return RingAttentionMetadataBuilder
-
-    @classmethod
-    def supports_batch_invariance(cls) -> bool:
-        """Under VLLM_BATCH_INVARIANT=1 the forward splits every sequence's attention the same way at any batch."""
-        return True
 
 
 class RingSlidingWindowAttention(Attention):

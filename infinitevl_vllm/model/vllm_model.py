@@ -77,14 +77,7 @@ from vllm.v1.attention.backends.gdn_attn import (
 
 from ..config import InfiniteVLTextConfig
 from ..vllm_patches import keep_conv_weight_layout, without_triton_allocator
-from .batch_one_linear import (
-    gated_norm_linear_into,
-    linear_into,
-    norm_linear,
-    norm_mlp,
-    serves_batch_one_products,
-    use_batch_one_products,
-)
+from .batch_one_linear import gated_norm_linear_into, linear_into, norm_linear, norm_mlp, use_batch_one_products
 from .ring_attention import RingSlidingWindowAttention
 from .step_requests import StepRequests, step_requests_of
 
@@ -391,7 +384,8 @@ class InfiniteVLDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         # On one GPU the layer's norms fold into the products after them (batch_one_linear.py), and the GDN
         # mixer's op receives its input projection instead of computing it
-        self.norms_in_products = serves_batch_one_products(vllm_config) and get_tensor_model_parallel_world_size() == 1
+        self.norms_in_products = (current_platform.is_cuda() and vllm_config.quant_config is None
+                                  and get_tensor_model_parallel_world_size() == 1)
         if self.norms_in_products and not self.is_swa:
             self.self_attn.input_projected = True
 
@@ -486,7 +480,7 @@ class InfiniteVLForCausalLM(nn.Module):
         self.model = InfiniteVLTextModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, prefix=maybe_prefix(prefix, "lm_head"))
         self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
-        if serves_batch_one_products(vllm_config):
+        if current_platform.is_cuda() and vllm_config.quant_config is None:
             # the GDN layers' conv weights are read by the conv kernels, never multiplied
             use_batch_one_products((m for name, m in self.model.named_modules() if not name.endswith("conv1d")),
                                    self.lm_head)

@@ -444,7 +444,7 @@ def swa_paged_prefill(
 def swa_paged_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor,
     starts: torch.Tensor, num_decodes: int, prefill_query_start_loc: torch.Tensor | None, max_prefill_len: int,
-    window: int, scale: float, out: torch.Tensor, batch_invariant: bool = False,
+    window: int, scale: float, out: torch.Tensor,
 ) -> torch.Tensor:
     """A vLLM step's SWA attention over a batch ordered decodes first, with no host sync (so a step of
     decodes can be captured in a CUDA graph).
@@ -453,21 +453,14 @@ def swa_paged_forward(
     prefill chunks that ``prefill_query_start_loc`` ([num_prefills + 1], counted from row
     ``num_decodes``; None when there are none) delimits, in one varlen launch. ``starts`` [requests]:
     each request's token index of its first new token; ``block_table`` [requests, ring_blocks].
-
-    The split counts follow the batch's size, so a sequence's sums run in another order alone than in a
-    batch. ``batch_invariant`` fixes them (the decode's of batch 1, the prefill in one piece): the same bits
-    whatever else the step holds, slower for large batches.
     """
     nd = num_decodes
     if nd:
-        nsplit = decode_splits(1, cache.shape[1], window) if batch_invariant else None
-        swa_paged_decode(q[:nd], k[:nd], v[:nd], cache, block_table[:nd], starts[:nd], window, scale, nsplit=nsplit,
-                         out=out[:nd])
+        swa_paged_decode(q[:nd], k[:nd], v[:nd], cache, block_table[:nd], starts[:nd], window, scale, out=out[:nd])
     if prefill_query_start_loc is not None and prefill_query_start_loc.numel() > 1:
         n = prefill_query_start_loc.numel() - 1
         swa_paged_prefill(q[nd:], k[nd:], v[nd:], cache, block_table[nd : nd + n], prefill_query_start_loc,
-                          starts[nd : nd + n], max_prefill_len, window, scale, nsplit=1 if batch_invariant else None,
-                          out=out[nd:])
+                          starts[nd : nd + n], max_prefill_len, window, scale, out=out[nd:])
     return out
 
 
