@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from infinitevl_vllm.reference import MultimodalInputs
+from infinitevl_vllm.tools.batch_invariance import prompt_logprobs_of, vllm_request  # noqa: F401 (tests import both here)
 from infinitevl_vllm.tools.workloads import chat_prompt, random_image, random_texts
 
 ENGINE_DEFAULTS = dict(
@@ -57,14 +58,14 @@ def reference_inputs(processor, prompt: str, images=None, video=None) -> Multimo
 
 
 def vllm_prompt(prompt: str, images=None, video=None) -> dict:
-    mm = {}
-    if images:
-        mm["image"] = images if len(images) > 1 else images[0]
+    """`batch_invariance.vllm_request`, with a video (numpy frames at VIDEO_FPS) too."""
+    request = vllm_request(prompt, images)
     if video is not None:
         n = len(video)
-        mm["video"] = (video, {"fps": VIDEO_FPS, "total_num_frames": n, "frames_indices": list(range(n)),
-                               "duration": n / VIDEO_FPS, "video_backend": "numpy", "do_sample_frames": False})
-    return {"prompt": prompt, "multi_modal_data": mm} if mm else {"prompt": prompt}
+        request.setdefault("multi_modal_data", {})["video"] = (
+            video, {"fps": VIDEO_FPS, "total_num_frames": n, "frames_indices": list(range(n)),
+                    "duration": n / VIDEO_FPS, "video_backend": "numpy", "do_sample_frames": False})
+    return request
 
 
 def check_batch_of_8_equals_each_alone(llm, processor, sampling) -> None:
@@ -76,14 +77,6 @@ def check_batch_of_8_equals_each_alone(llm, processor, sampling) -> None:
     alone = [list(llm.generate([p], sampling, use_tqdm=False)[0].outputs[0].token_ids) for p in prompts]
     assert together == alone
     assert all(len(t) == sampling.max_tokens for t in together)
-
-
-def prompt_logprobs_of(output) -> list[float]:
-    """log p(token_t | <t) for t >= 1 from a vLLM RequestOutput with prompt_logprobs=0."""
-    out = []
-    for tok, lp in zip(output.prompt_token_ids[1:], output.prompt_logprobs[1:]):
-        out.append(lp[tok].logprob)
-    return out
 
 
 class ServerProcess:

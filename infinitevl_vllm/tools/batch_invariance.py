@@ -27,15 +27,18 @@ def vllm_request(prompt: str, images: list | None = None) -> dict:
     return {"prompt": prompt, "multi_modal_data": {"image": images if len(images) > 1 else images[0]}}
 
 
+def prompt_logprobs_of(output) -> list[float]:
+    """log p(token_t | <t) for t >= 1 from a vLLM RequestOutput with prompt_logprobs=0."""
+    return [lp[t].logprob for t, lp in zip(output.prompt_token_ids[1:], output.prompt_logprobs[1:])]
+
+
 def prompt_logprobs(llm, prompts: list[Prompt]) -> list[tuple[list[int], torch.Tensor]]:
     """(prompt token ids, log p(token_t | <t) for t >= 1) of each prompt, all in one batch."""
     from vllm import SamplingParams
 
     outs = llm.generate([vllm_request(*p) for p in prompts],
                         SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0), use_tqdm=False)
-    return [(list(o.prompt_token_ids),
-             torch.tensor([lp[t].logprob for t, lp in zip(o.prompt_token_ids[1:], o.prompt_logprobs[1:])],
-                          dtype=torch.float64)) for o in outs]
+    return [(list(o.prompt_token_ids), torch.tensor(prompt_logprobs_of(o), dtype=torch.float64)) for o in outs]
 
 
 def greedy_tokens(llm, prompts: list[Prompt], max_tokens: int) -> list[list[int]]:

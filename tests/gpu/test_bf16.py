@@ -38,6 +38,7 @@ def test_batch_invariance_at_least_the_transformer_twins(llm_bf16, llm_twin_bf16
     same prompts: ours must keep at least as many."""
     probes, fillers = probe_prompts(ours_processor)
     ours, twin = (probes_alone_and_in_a_batch(llm, probes, fillers) for llm in (llm_bf16, llm_twin_bf16))
+    assert ours["batch"] == twin["batch"] == 32
     gpu_record["batch_invariance"] = {"probes": ours["probes"], "batch": ours["batch"],
                                       "greedy_tokens": ours["greedy_tokens"],
                                       "ours_fraction_identical": ours["fraction_identical"],
